@@ -23,10 +23,9 @@ AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 
 
 class UserError(SystemExit):
-    """A mistake in the input that the user can fix: printed as one line, exit status 2."""
+    """A mistake in the input that the user can fix: one line on stderr, exit status 1, no traceback."""
     def __init__(self, message):
         super().__init__(f"error: {message}")
-        self.code = 2
 
 
 # -----------------------------------------------------------------------------
@@ -178,7 +177,9 @@ def write_audio(path, wav, fmt="mp3", bitrate="192k"):
             import soundfile as sf
             sf.write(tmp, pcm, SAMPLE_RATE, format="WAV", subtype="PCM_16")
         elif fmt == "mp3":
-            from pydub import AudioSegment
+            with warnings.catch_warnings():   # pydub warns at import that no system ffmpeg is on PATH
+                warnings.simplefilter("ignore")
+                from pydub import AudioSegment
             AudioSegment.converter = ffmpeg_exe()
             seg = AudioSegment(pcm.tobytes(), frame_rate=SAMPLE_RATE, sample_width=2, channels=pcm.shape[1])
             seg.export(tmp, format="mp3", bitrate=bitrate)

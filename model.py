@@ -547,14 +547,16 @@ class MusicTransformer(nn.Module):
         return self._logits((x1 + x2) / 2)[:, :, 0]
 
     def loss(self, tokens, targets, text, text_mask):
-        """Mean cross-entropy over the codebooks; targets < 0 are ignored. Returns (loss, per-codebook (n_q,))."""
-        logits = self(tokens, text, text_mask).float()
-        targets = targets.masked_fill(targets < 0, -100)
-        per = F.cross_entropy(logits.flatten(0, 2), targets.flatten(), ignore_index=-100, reduction="none")
-        per = per.view(targets.shape)
-        valid = (targets >= 0).float()
-        per_codebook = (per * valid).sum((0, 2)) / valid.sum((0, 2)).clamp_min(1)
-        return per_codebook.mean(), per_codebook.detach()
+        return codebook_loss(self(tokens, text, text_mask), targets)
+
+
+def codebook_loss(logits, targets):
+    """Mean cross-entropy over the codebooks (each averaged over its valid targets; targets < 0 are
+    ignored). Returns (loss, per-codebook losses (n_q,) detached)."""
+    valid = targets >= 0
+    per = F.cross_entropy(logits.float().flatten(0, 2), targets.clamp_min(0).flatten(), reduction="none").view(targets.shape)
+    per_codebook = (per * valid).sum((0, 2)) / valid.sum((0, 2)).clamp_min(1)
+    return per_codebook.mean(), per_codebook.detach()
 
 
 # -----------------------------------------------------------------------------
@@ -579,6 +581,7 @@ class TextEncoder:
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
         path = resolve_text_encoder(name)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)

