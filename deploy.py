@@ -206,7 +206,7 @@ def main(argv):
     shards = Shards(cfg["data"])
     import train
     try:
-        train.train(cfg, shards, rank, world, dev, cli_overrides=[a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")])
+        return train.train(cfg, shards, rank, world, dev, cli_overrides=[a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")])
     finally:
         if world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -597,8 +597,9 @@ class TextEncoder:
         self.cache = {}
 
     @torch.no_grad()
-    def __call__(self, texts, device=None):
-        """texts (list of str) → states (B, L, dim) float32 and mask (B, L) bool, on `device`."""
+    def encode_all(self, texts):
+        """Fill the cache for every text not in it, in sorted batches: the result for a text does not
+        depend on what else is asked for, or when."""
         new = sorted({t for t in texts if t not in self.cache})
         for i in range(0, len(new), 64):
             batch = new[i:i + 64]
@@ -606,6 +607,10 @@ class TextEncoder:
             states = self.model(**enc).last_hidden_state.float().cpu()
             for j, text in enumerate(batch):
                 self.cache[text] = states[j, :int(enc["attention_mask"][j].sum())].clone()
+
+    def __call__(self, texts, device=None):
+        """texts (list of str) → states (B, L, dim) float32 and mask (B, L) bool, on `device`."""
+        self.encode_all(texts)
         longest = max(self.cache[t].shape[0] for t in texts)
         out = torch.zeros(len(texts), longest, self.dim)
         mask = torch.zeros(len(texts), longest, dtype=torch.bool)

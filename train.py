@@ -189,6 +189,7 @@ def train(config, shards, rank, world, device, cli_overrides=()):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
     text_encoder = M.TextEncoder(c.text_encoder, device)
+    text_encoder.encode_all(set(shards.texts) | {""})    # once per distinct text, before training starts
     model_cfg = M.ModelConfig(n_q=shards.n_q, text_dim=text_encoder.dim, seed=c.seed,
                               **{k: config[k] for k in deploy.MODEL_SETTINGS})
     try:
@@ -324,11 +325,11 @@ def train(config, shards, rank, world, device, cli_overrides=()):
             if signalled.item():
                 checkpoint("stopped by signal")
                 if master:
-                    print(f"stopped at step {step}; continue with: python deploy.py --out={out_dir} --resume")
-                return step
+                    print(f"stopped at step {step}; continue with: python deploy.py --data=... --out={out_dir} --resume")
+                return raw_model
         if master:
             print(f"done: {step} steps, best validation loss {best_val:.4f}; checkpoint {ckpt_path}")
-        return step
+        return raw_model
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

@@ -1,0 +1,144 @@
+"""generate.py: prompt → MP3 through the model's recurrent state."""
+import json
+import os
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import common
+import deploy
+import example
+import generate
+import model as M
+from conftest import TINY_TRAIN, write_shards
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gen")
+    data = write_shards(tmp / "data", steps=450)
+    deploy.main(["--data", str(data), "--out", str(tmp / "run"), *TINY_TRAIN, "--max_steps=6", "--eval_interval=6",
+                 "--cond_dropout=0.3"])
+    return tmp / "run" / "ckpt.pt"
+
+
+def gen(ckpt, out, *extra):
+    return generate.main(["--ckpt", str(ckpt), "--out", str(out), *extra])
+
+
+def test_mp3_per_prompt_with_complete_json(ckpt, tmp_path):
+    assert gen(ckpt, tmp_path, "--prompt", "calm minor pad", "--prompt=upbeat major arpeggio", "--seconds=2",
+               "--spectrogram") == 0
+    for name in ("calm_minor_pad", "upbeat_major_arpeggio"):
+        audio, sr = sf.read(tmp_path / f"{name}.mp3")
+        assert sr == 48_000 and audio.ndim == 2 and audio.shape[1] == 2
+        assert abs(len(audio) / sr - 2.0) <= 1.0                          # ± one codec segment
+        meta = json.loads((tmp_path / f"{name}.mp3.json").read_text())
+        for key in ("prompt", "seed", "top_k", "top_p", "temperature", "cfg", "ckpt", "codec", "seconds", "codes"):
+            assert key in meta
+        assert meta["codec"] == "untrained:seed=0" and meta["cfg"] == 3.0 and meta["top_k"] == 250
+        assert np.array(meta["codes"]).shape == (4, 300)
+        assert (tmp_path / f"{name}.mp3.png").exists()
+
+
+def test_same_seed_same_codes_other_seed_differs(ckpt, tmp_path):
+    codes = {}
+    for run, seed in (("a", 1), ("b", 1), ("c", 2)):
+        gen(ckpt, tmp_path / run, "--prompt=calm minor pad", "--seconds=1", f"--seed={seed}", "--format=wav")
+        codes[run] = json.loads((tmp_path / run / "calm_minor_pad.wav.json").read_text())["codes"]
+    assert codes["a"] == codes["b"] and codes["a"] != codes["c"]
+    audio, sr = sf.read(tmp_path / "a" / "calm_minor_pad.wav")
+    assert sr == 48_000 and audio.shape[1] == 2
+
+
+def stub_text_encoder(texts, device):
+    g = torch.Generator().manual_seed(0)
+    table = {t: torch.randn(3, 24, generator=g) for t in sorted(set(texts))}
+    return torch.stack([table[t] for t in texts]), torch.ones(len(texts), 3, dtype=torch.bool)
+
+
+def open_tiny(pattern):
+    torch.manual_seed(0)
+    cfg = M.ModelConfig(dim=64, depth=2, heads=4, dim_head=16, nb_features=32, local_window=7, text_dim=24,
+                        dropout=0.0, chunk_size=16, pattern=pattern)
+    net = M.MusicTransformer(cfg).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.dim() == 0:
+                p.fill_(0.5)
+    return net
+
+
+@pytest.mark.parametrize("pattern", ["parallel", "delay"])
+def test_recurrent_sampling_equals_refeeding(pattern):
+    net = open_tiny(pattern)
+    kwargs = dict(steps=40, device="cpu", seed=3, top_k=50, cfg=2.0, progress=False)
+    fast = generate.sample_codes(net, stub_text_encoder, ["a", "b"], **kwargs)
+    slow = generate.sample_codes(net, stub_text_encoder, ["a", "b"], refeed=True, **kwargs)
+    assert torch.equal(fast, slow)
+
+
+@pytest.mark.parametrize("pattern", ["parallel", "delay"])
+def test_start_token_is_never_generated(pattern):
+    net = open_tiny(pattern)
+    with torch.no_grad():
+        net.head.bias.view(4, 1024)[:, 1000:] += 50.0     # push mass to the top of the vocabulary
+    codes = generate.sample_codes(net, stub_text_encoder, ["a"] * 16, steps=60, device="cpu", top_k=1024,
+                                  temperature=2.0, progress=False)
+    assert codes.shape == (16, 4, 60) and codes.min() >= 0 and codes.max() <= 1023
+
+
+@pytest.mark.parametrize("pattern", ["parallel", "delay"])
+def test_continuation_keeps_the_prompt_codes(pattern):
+    net = open_tiny(pattern)
+    prompt = torch.randint(0, 1024, (4, 25))
+    codes = generate.sample_codes(net, stub_text_encoder, ["a", "b"], steps=50, device="cpu", prompt_codes=prompt,
+                                  progress=False)
+    assert torch.equal(codes[:, :, :25], prompt.expand(2, 4, 25)) and not torch.equal(codes[0, :, 25:], codes[1, :, 25:])
+
+
+def test_continue_from_audio_file(ckpt, tmp_path):
+    sf.write(tmp_path / "intro.wav", example.synth_clip(seconds=1.2), 48_000)
+    gen(ckpt, tmp_path / "o", "--prompt=calm minor pad", "--seconds=2.5", f"--continue_from={tmp_path / 'intro.wav'}")
+    codes = np.array(json.loads((tmp_path / "o" / "calm_minor_pad.mp3.json").read_text())["codes"])
+    codec = common.load_codec("untrained", "", 0, 6.0, "cpu")
+    wav = common.to_stereo_48k(*common.read_audio(str(tmp_path / "intro.wav")))[None, :, :48_000]
+    intro, _ = common.encode_clips(codec, wav)
+    assert codes.shape == (4, 375) and np.array_equal(codes[:, :150], intro[0].numpy())
+
+
+def test_bad_inputs_fail_before_any_model_work(ckpt, tmp_path):
+    (tmp_path / "junk.pt").write_bytes(os.urandom(256))
+    cases = [
+        ([], "no prompt"),
+        (["--prompt=x", "--seconds=0"], "seconds=0.0 must be > 0"),
+        (["--prompt=x", "--top_k=0"], "top_k=0 must be between 1 and 1024"),
+        (["--prompt=x", "--top_k=2000"], "top_k=2000 must be between 1 and 1024"),
+        (["--prompt=x", "--top_p=0"], r"top_p=0.0 must be in \(0, 1\]"),
+        (["--prompt=x", "--top_p=1.5"], r"top_p=1.5 must be in \(0, 1\]"),
+        (["--prompt=x", "--cfg=0.5"], "cfg=0.5 must be >= 1"),
+        (["--prompt=x", f"--continue_from={tmp_path / 'nope.wav'}"], "cannot read --continue_from"),
+        (["--prompt=x", "--seconds=60"], "longer than this model's maximum of 4 s"),
+        (["--prompt=x", "--format=ogg"], "format='ogg': use mp3 or wav"),
+        (["--prompt=x", "--sample_rate=3"], "unknown setting --sample_rate"),
+    ]
+    for args, message in cases:
+        with pytest.raises(SystemExit, match=message):
+            gen(ckpt, tmp_path / "o", *args)
+    with pytest.raises(SystemExit, match="is not a readable checkpoint"):
+        generate.main(["--ckpt", str(tmp_path / "junk.pt"), "--prompt=x"])
+    with pytest.raises(SystemExit, match="no checkpoint at"):
+        generate.main(["--ckpt", str(tmp_path / "missing.pt"), "--prompt=x"])
+    assert not (tmp_path / "o").exists()
+
+
+def test_guidance_needs_unconditional_training(tmp_path):
+    data = write_shards(tmp_path / "data")
+    deploy.main(["--data", str(data), "--out", str(tmp_path / "run"), *TINY_TRAIN, "--max_steps=1", "--eval_interval=1",
+                 "--cond_dropout=0"])
+    with pytest.raises(SystemExit, match="trained with cond_dropout=0.*use --cfg=1"):
+        gen(tmp_path / "run" / "ckpt.pt", tmp_path / "o", "--prompt=x", "--seconds=1")
+    assert gen(tmp_path / "run" / "ckpt.pt", tmp_path / "o", "--prompt=x", "--cfg=1", "--seconds=1") == 0
