@@ -240,8 +240,14 @@ def load_codec(codec="pretrained", weights="", seed=0, bandwidth=6.0, device="cp
 
 
 def _download_codec_weights():
+    import socket
     url = "https://dl.fbaipublicfiles.com/encodec/v0/encodec_48khz-7e698e3e.th"
-    return torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=True, progress=False)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(60)   # a firewalled machine fails in a minute instead of hanging
+    try:
+        return torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=True, progress=False)
+    finally:
+        socket.setdefaulttimeout(previous)
 
 
 def _calibration_audio(seed, seconds=12):

@@ -71,3 +71,51 @@ def make_dataset(folder, clips_per_label=3, seconds=10.0, seed=0):
     with open(os.path.join(folder, "metadata.csv"), "w", newline="") as f:
         csv.writer(f).writerows([("file", "text"), *rows])
     return sorted({r[1] for r in rows})
+
+
+# -----------------------------------------------------------------------------
+# settings: edit here, or override on the command line as --name=value
+out = "example_run"         # everything goes under this folder
+clips_per_label = 3         # 4 moods × 3 kinds × this many 10 s clips
+steps = 300                 # training steps for the tiny model
+seconds = 5.0               # length of each generated piece
+codec = "auto"              # auto: pretrained Encodec if it loads, else the untrained one; or pretrained / untrained
+# -----------------------------------------------------------------------------
+
+
+def main(argv):
+    import common
+    import compress
+    import deploy
+    import generate
+    c = common.parse_settings(common.settings(globals()), argv)
+    music, data, run, samples = (os.path.join(c["out"], d) for d in ("music", "data", "run", "samples"))
+    codec = c["codec"]
+    if codec == "auto":
+        try:
+            common.load_codec("pretrained")
+            codec = "pretrained"
+        except SystemExit as e:
+            print(f"{e}\n\nNOTE: using the UNTRAINED codec instead. The pipeline runs end to end, but the MP3s "
+                  "will sound like noise, not music. Give --codec_weights to compress.py/generate.py for real audio.\n")
+            codec = "untrained"
+
+    print(f"1/4 synthesising a labelled dataset in {music}")
+    labels = make_dataset(music, c["clips_per_label"], seconds=10.0)
+    print(f"2/4 compress.py → {data}")
+    compress.main(["--input", music, "--output", data, f"--codec={codec}", "--clip_seconds=10", "--num_workers=2"])
+    print(f"3/4 deploy.py: a tiny model for {c['steps']} steps → {run}")
+    deploy.main(["--data", data, "--out", run, "--dim=128", "--depth=2", "--heads=4", "--dim_head=32",
+                 "--nb_features=64", "--local_window=75", "--seq_len=300", "--batch_size=8", "--grad_accum=1",
+                 f"--max_steps={c['steps']}", "--warmup_steps=30", "--lr=2e-3", "--eval_interval=100",
+                 "--log_interval=25", "--sample_interval=0", "--val_fraction=0.1", "--num_workers=2", "--max_len=1500"])
+    print(f"4/4 generate.py: one piece per label → {samples}")
+    generate.main(["--ckpt", os.path.join(run, "ckpt.pt"), "--out", samples, f"--seconds={c['seconds']}",
+                   *[f"--prompt={label}" for label in labels]])
+    print(f"\ndone. dataset: {music}  tokens: {data}  run (ckpt.pt, metrics.jsonl, loss.png): {run}  MP3s: {samples}"
+          + ("\n(untrained codec: the MP3s are noise by construction, see README.md)" if codec == "untrained" else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
