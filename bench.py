@@ -23,7 +23,8 @@ import common
 device = "auto"             # auto (cuda when available), cpu, cuda
 seq_lens = "1500,4500,9000" # training lengths to measure
 cap_seconds = 300           # stop a single measurement that runs longer than this
-decode_steps = 1500         # 10 s of audio
+decode_steps = 1500         # decoding and generation length (1500 = 10 s of audio)
+memory_seq_len = 4500       # seq_len of the memory-versus-depth table
 output = "BENCHMARKS.md"
 part = ""                   # internal: run one measurement and print it as JSON
 impl = "favor"              # internal: favor | softmax | performer
@@ -206,7 +207,7 @@ def decode_part(c, dev):
 
 
 def generate_part(c, dev):
-    """10 s of audio per prompt, end to end (tokens with cfg 3 + codec decode + MP3) at batch 1 and 4."""
+    """decode_steps per prompt, end to end (tokens with cfg 3 + codec decode + MP3) at batch 1 and 4."""
     import tempfile
     import generate
     net = our_model(dict(dropout=0.0), dev).eval()
@@ -217,7 +218,7 @@ def generate_part(c, dev):
     for batch in (1, 4):
         sync(dev)
         t = time.time()
-        codes = generate.sample_codes(net, text_encoder, ["x"] * batch, 1500, dev, cfg=3.0, progress=False)
+        codes = generate.sample_codes(net, text_encoder, ["x"] * batch, c["decode_steps"], dev, cfg=3.0, progress=False)
         sync(dev)
         t_tokens = time.time() - t
         audio = generate.codes_to_audio(codec, codes, 0.1)
@@ -284,12 +285,12 @@ def main(argv):
         lines.append(f"| {t} | " + " | ".join(cells) + f" | {ratio} |")
     lines.append("\nEach cell: seconds per step, peak memory (GPU: allocated; CPU: process peak RSS), MFU.\n")
 
-    lines += ["### Memory at seq_len 4500 (ours, FAVOR+): activation memory of a training step\n",
+    lines += [f"### Memory at seq_len {c['memory_seq_len']} (ours, FAVOR+): activation memory of a training step\n",
               "| depth | parameters | reversible | not reversible |", "|---|---|---|---|"]
     for d in (3, 6, 12):
         cells = []
         for rev in (True, False):
-            r = run_part(dict(part="train", impl="favor", seq_len=4500, depth=d, reversible=rev, device=dev), cap)
+            r = run_part(dict(part="train", impl="favor", seq_len=c["memory_seq_len"], depth=d, reversible=rev, device=dev), cap)
             cells.append(f"{r['activation_gib']:.2f} GiB (peak {r['peak_gib']:.2f} GiB, {r['seconds']:.1f} s)" if "seconds" in r else "–")
             params = f"{r['params'] / 1e6:.1f} M" if "params" in r else "–"
         print("depth", d, cells, flush=True)
@@ -297,7 +298,7 @@ def main(argv):
     lines.append("\nActivation memory = peak during the step − memory resident before it − the gradients.\n")
 
     r = run_part(dict(part="decode", device=dev, decode_steps=c["decode_steps"]), cap * 3)
-    lines += [f"\n### Decoding {c['decode_steps']} steps (10 s of audio), batch 1, default model\n",
+    lines += [f"\n### Decoding {c['decode_steps']} steps ({c['decode_steps'] / 150:g} s of audio), batch 1, default model\n",
               "| method | time | |", "|---|---|---|"]
     if "recurrent_s" in r:
         lines += [f"| recurrent state (prefill + step) | {r['recurrent_s']:.1f} s | {c['decode_steps'] / r['recurrent_s']:.0f} steps/s |",
@@ -307,8 +308,8 @@ def main(argv):
                   f"recurrent {r['refeed_estimate_s'] / r['recurrent_s']:.0f}× faster |"]
     print("decode", r, flush=True)
 
-    r = run_part(dict(part="generate", device=dev), cap * 3)
-    lines += ["\n### generate.py end to end: 10 s per prompt (tokens with cfg 3, Encodec decode, MP3)\n",
+    r = run_part(dict(part="generate", device=dev, decode_steps=c["decode_steps"]), cap * 3)
+    lines += [f"\n### generate.py end to end: {c['decode_steps'] / 150:g} s per prompt (tokens with cfg 3, Encodec decode, MP3)\n",
               "| prompts | tokens | total |", "|---|---|---|"]
     for b in (1, 4):
         if f"batch{b}" in r:

@@ -76,7 +76,8 @@ def make_dataset(folder, clips_per_label=3, seconds=10.0, seed=0):
 # -----------------------------------------------------------------------------
 # settings: edit here, or override on the command line as --name=value
 out = "example_run"         # everything goes under this folder
-clips_per_label = 3         # 4 moods × 3 kinds × this many 10 s clips
+clips_per_label = 3         # 4 moods × 3 kinds × this many clips ...
+clip_seconds = 10           # ... of this many seconds
 steps = 300                 # training steps for the tiny model
 seconds = 5.0               # length of each generated piece
 codec = "auto"              # auto: pretrained Encodec if it loads, else the untrained one; or pretrained / untrained
@@ -100,10 +101,11 @@ def main(argv):
                   "will sound like noise, not music. Give --codec_weights to compress.py/generate.py for real audio.\n")
             codec = "untrained"
 
-    print(f"1/4 synthesising a labelled dataset in {music}")
-    labels = make_dataset(music, c["clips_per_label"], seconds=10.0)
+    print(f"1/4 synthesising {4 * len(KINDS) * c['clips_per_label']} labelled clips in {music}")
+    labels = make_dataset(music, c["clips_per_label"], seconds=c["clip_seconds"])
     print(f"2/4 compress.py → {data}")
-    compress.main(["--input", music, "--output", data, f"--codec={codec}", "--clip_seconds=10", "--num_workers=2"])
+    compress.main(["--input", music, "--output", data, f"--codec={codec}", f"--clip_seconds={c['clip_seconds']}",
+                   f"--min_seconds={min(5, c['clip_seconds'])}", "--num_workers=2"])
     print(f"3/4 deploy.py: a tiny model for {c['steps']} steps → {run}")
     deploy.main(["--data", data, "--out", run, "--dim=128", "--depth=2", "--heads=4", "--dim_head=32",
                  "--nb_features=64", "--local_window=75", "--seq_len=300", "--batch_size=8", "--grad_accum=1",

@@ -11,8 +11,8 @@ cross-attending to a label encoded by a frozen BERT-family model.
 - Reversible layers (y1 = x1 + f(x2), y2 = x2 + g(y1)) keep no activations; the backward pass rebuilds
   them with the same dropout masks and the same random features.
 """
-import math
 import os
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -379,16 +379,27 @@ class RandomState:
     """Records the RNG state before a branch runs so the backward pass can replay the same dropout."""
 
     def __init__(self, device):
+        self.device = device
         self.cpu = torch.get_rng_state()
         self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
-    def replay(self, device):
-        ctx = torch.random.fork_rng(devices=[device] if self.cuda is not None else [])
-        ctx.__enter__()
-        torch.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state(self.cuda, device)
-        return ctx
+    @contextmanager
+    def replayed(self):
+        with torch.random.fork_rng(devices=[self.device] if self.cuda is not None else []):
+            torch.set_rng_state(self.cpu)
+            if self.cuda is not None:
+                torch.cuda.set_rng_state(self.cuda, self.device)
+            yield
+
+
+def _rerun(branch, rng, x, grad_out, ctx):
+    """Run a branch again on x with its recorded dropout, backpropagate grad_out through it (parameter
+    gradients accumulate), and return its output and the gradient with respect to x."""
+    with torch.enable_grad(), rng.replayed():
+        x = x.detach().requires_grad_()
+        out = branch(x, ctx)
+        torch.autograd.backward(out, grad_out)
+    return out.detach(), x.grad
 
 
 class ReversibleBlock(nn.Module):
@@ -411,30 +422,13 @@ class ReversibleBlock(nn.Module):
     def backward_pass(self, y1, y2, dy1, dy2, ctx):
         """Rebuild (x1, x2) from (y1, y2) and turn (dy1, dy2) into (dx1, dx2); parameter gradients (and
         the text's, through ctx) accumulate as a side effect."""
-        with torch.enable_grad():
-            y1 = y1.detach().requires_grad_()
-            rng = self.rng_g.replay(y1.device)
-            try:
-                gy1 = self.g(y1, ctx)
-            finally:
-                rng.__exit__(None, None, None)
-            torch.autograd.backward(gy1, dy2)
+        g_y1, dg = _rerun(self.g, self.rng_g, y1, dy2, ctx)
         with torch.no_grad():
-            x2 = y2 - gy1
-            dx1 = dy1 + y1.grad
-            del gy1
-        with torch.enable_grad():
-            x2 = x2.detach().requires_grad_()
-            rng = self.rng_f.replay(x2.device)
-            try:
-                fx2 = self.f(x2, ctx)
-            finally:
-                rng.__exit__(None, None, None)
-            torch.autograd.backward(fx2, dx1)
+            x2, dx1 = y2 - g_y1, dy1 + dg
+        f_x2, df = _rerun(self.f, self.rng_f, x2, dx1, ctx)
         with torch.no_grad():
-            x1 = y1 - fx2
-            dx2 = dy2 + x2.grad
-        return x1.detach(), x2.detach(), dx1, dx2
+            x1, dx2 = y1 - f_x2, dy2 + df
+        return x1, x2, dx1, dx2
 
 
 class _ReversibleFunction(torch.autograd.Function):

@@ -3,6 +3,7 @@ The training loop, used by deploy.py: AdamW with warm-up and cosine decay, gradi
 DDP, bf16 autocast on CUDA, validation, checkpoints that resume exactly, logs, loss.png and audio
 samples as training goes.
 """
+import contextlib
 import json
 import math
 import os
@@ -149,7 +150,7 @@ def write_samples(raw_model, text_encoder, c, data_info, step, out_dir, device):
     raw_model.eval()
     prompts = data_info["sample_prompts"]
     codes = generate.sample_codes(raw_model, text_encoder, prompts, steps=int(c.sample_seconds * common.FRAME_RATE),
-                                  device=device, seed=step, progress=False)
+                                  device=device, seed=step, cfg=3.0 if c.cond_dropout > 0 else 1.0, progress=False)
     codec = generate.codec_for(data_info, c.codec_weights, device)
     folder = os.path.join(out_dir, "samples")
     os.makedirs(folder, exist_ok=True)
@@ -179,12 +180,10 @@ def train(config, shards, rank, world, device, cli_overrides=()):
         raise UserError(f"seq_len={c.seq_len} is longer than the model's max_len={c.max_len}: lower --seq_len or raise --max_len")
     if c.batch_size < 1 or c.grad_accum < 1 or c.max_steps < 1:
         raise UserError("batch_size, grad_accum and max_steps must be at least 1")
-    if c.sample_interval and c.sample_prompts == "" and not any(shards.texts):
-        c.sample_prompts = "|"
 
     torch.manual_seed(c.seed + rank)
     cuda = device.startswith("cuda")
-    autocast = torch.autocast("cuda", dtype=getattr(torch, c.dtype)) if cuda and c.dtype != "float32" else torch.autocast("cpu", enabled=False)
+    autocast = torch.autocast("cuda", dtype=getattr(torch, c.dtype)) if cuda and c.dtype != "float32" else contextlib.nullcontext()
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
@@ -261,11 +260,18 @@ def train(config, shards, rank, world, device, cli_overrides=()):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, c)
             losses = torch.zeros(shards.n_q, device=device)
+            interrupted = False
             for micro in range(c.grad_accum):
-                codes, texts = next(batches)
+                try:
+                    codes, texts = next(batches)
+                except Exception:
+                    if stop["signal"] is None:
+                        raise
+                    interrupted = True   # Ctrl-C reached the loader's workers too
+                    break
                 tokens, targets, text, mask = batch_tensors(codes, texts, text_encoder, c.pattern, model_cfg.vocab, device)
-                sync = micro == c.grad_accum - 1 or world == 1
-                context = model.no_sync() if world > 1 and not sync else torch.autocast("cpu", enabled=False)
+                last = micro == c.grad_accum - 1
+                context = model.no_sync() if world > 1 and not last else contextlib.nullcontext()   # sync once per step
                 try:
                     with context, autocast:
                         loss, per_codebook = M.codebook_loss(model(tokens, text, mask), targets)
@@ -275,6 +281,10 @@ def train(config, shards, rank, world, device, cli_overrides=()):
                                     "--batch_size (raise --grad_accum to keep the effective batch) or --seq_len") from None
                 losses += per_codebook / c.grad_accum
                 tokens_seen += int((targets >= 0).sum())
+            if interrupted:   # drop the partial accumulation: this step is redone on resume
+                optimizer.zero_grad(set_to_none=True)
+                checkpoint("stopped by signal")
+                return raw_model
             grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), c.grad_clip if c.grad_clip > 0 else float("inf"))
             if not (torch.isfinite(grad_norm) and torch.isfinite(losses).all()):
                 bad_steps += 1
