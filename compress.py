@@ -252,7 +252,7 @@ def main(argv):
     if not files:
         raise UserError(f"no audio files ({', '.join(common.AUDIO_EXTENSIONS)}) found under {root}")
     done = encoded_files(finished_shards(out_dir), attrs)
-    todo = [f for f in files if f not in done][rank::world]
+    todo = [f for f in files[rank::world] if f not in done]   # split first: shares never depend on timing
     if done:
         print(f"resuming: {len(done)} files already in shards in {out_dir}; {len(todo)} to go on this rank")
     if not todo:

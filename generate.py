@@ -160,7 +160,11 @@ def main(argv):
     if c["cfg"] != 1 and ckpt["config"].get("cond_dropout", 0) <= 0:
         raise UserError("this model was trained with cond_dropout=0, so it has no unconditional mode: use --cfg=1")
     model = M.MusicTransformer(model_cfg)
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise UserError(f"{c['ckpt']}: the weights do not match the model settings stored with them "
+                        f"({str(e).splitlines()[1].strip()[:160] if len(str(e).splitlines()) > 1 else e})") from None
     model.to(dev).eval()
     text_encoder = M.TextEncoder(ckpt["config"]["text_encoder"], dev)
     data_info = ckpt["data"]

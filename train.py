@@ -335,7 +335,7 @@ def train(config, shards, rank, world, device, cli_overrides=()):
             if signalled.item():
                 checkpoint("stopped by signal")
                 if master:
-                    print(f"stopped at step {step}; continue with: python deploy.py --data=... --out={out_dir} --resume")
+                    print(f"stopped at step {step}; continue with: python deploy.py --data={c.data} --out={out_dir} --resume")
                 return raw_model
         if master:
             print(f"done: {step} steps, best validation loss {best_val:.4f}; checkpoint {ckpt_path}")

@@ -152,3 +152,19 @@ def test_settings_errors(music_dir, tmp_path):
 def test_pretrained_codec_without_internet_fails_clearly(tmp_path):
     with pytest.raises(SystemExit, match="codec_weights=PATH.*codec=untrained"):
         common.load_codec("pretrained", str(tmp_path / "missing.th"), 0, 6.0, "cpu")
+
+
+def test_each_torchrun_rank_encodes_its_own_share(music_dir, tmp_path, monkeypatch):
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        assert run(music_dir, tmp_path / "o") == 0
+    shards = [os.path.basename(p) for p in compress.finished_shards(str(tmp_path / "o"))]
+    assert shards == ["shard-r000-00000.h5", "shard-r001-00000.h5"]
+    by_rank = [{k.split("@")[0] for k in read_shards_file(tmp_path / "o" / s)} for s in shards]
+    assert by_rank == [{"clip0.wav", "clip2.wav"}, {"clip1.wav"}]
+
+
+def read_shards_file(path):
+    with h5py.File(path) as f:
+        return [s.decode() for s in f["source"][:]]

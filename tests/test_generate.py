@@ -142,3 +142,11 @@ def test_guidance_needs_unconditional_training(tmp_path):
     with pytest.raises(SystemExit, match="trained with cond_dropout=0.*use --cfg=1"):
         gen(tmp_path / "run" / "ckpt.pt", tmp_path / "o", "--prompt=x", "--seconds=1")
     assert gen(tmp_path / "run" / "ckpt.pt", tmp_path / "o", "--prompt=x", "--cfg=1", "--seconds=1") == 0
+
+
+def test_checkpoint_whose_weights_do_not_match_its_settings(ckpt, tmp_path):
+    bad = torch.load(ckpt, weights_only=True)
+    bad["model_config"]["dim"] = 48
+    torch.save(bad, tmp_path / "bad.pt")
+    with pytest.raises(SystemExit, match="the weights do not match the model settings"):
+        generate.main(["--ckpt", str(tmp_path / "bad.pt"), "--prompt=x", "--seconds=1", "--out", str(tmp_path)])
