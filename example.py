@@ -1,7 +1,7 @@
 """
 The built-in example: the whole pipeline, offline, on a small synthetic dataset, in a few minutes on a CPU.
 
-    python example.py                    # writes everything under example_run/
+    python example.py                    # writes everything under example_run/ (replacing an earlier run)
 
 It synthesises labelled clips of chords, arpeggios and drum patterns ("upbeat major arpeggio",
 "calm minor pad", ...), encodes them with compress.py, trains a tiny model with deploy.py, and
@@ -90,6 +90,9 @@ def main(argv):
     import deploy
     import generate
     c = common.parse_settings(common.settings(globals()), argv)
+    if os.path.exists(c["out"]):
+        import shutil
+        shutil.rmtree(c["out"])   # the example's own scratch folder: each run starts from nothing
     music, data, run, samples = (os.path.join(c["out"], d) for d in ("music", "data", "run", "samples"))
     codec = c["codec"]
     if codec == "auto":

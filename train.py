@@ -44,12 +44,17 @@ def batch_tensors(codes, texts, text_encoder, pattern, vocab, device):
 # -----------------------------------------------------------------------------
 # checkpoints: plain tensors and Python values only, so torch.load(weights_only=True) reads them
 
-def save_checkpoint(path, raw_model, optimizer, step, best_val, config, data_info):
+def rng_state(device):
+    """This process's random state: the CPU generator, and its GPU's when it has one."""
+    return dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.startswith("cuda") else None)
+
+
+def save_checkpoint(path, raw_model, optimizer, step, best_val, config, data_info, rng_states):
+    """rng_states: one rng_state() per rank, so that every rank resumes its own dropout stream."""
     state = dict(
         format=CHECKPOINT_FORMAT, step=step, best_val_loss=best_val, config=config, data=data_info,
         model_config=asdict(raw_model.cfg), model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
-        rng=dict(torch=torch.get_rng_state(),
-                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []),
+        rng=rng_states,
         data_position=dict(next_step=step, samples_per_step=config["batch_size"] * config["grad_accum"] * config["world_size"]))
     with common.atomic_path(path) as tmp:
         torch.save(state, tmp)
@@ -166,6 +171,8 @@ def train(config, shards, rank, world, device, cli_overrides=()):
     out_dir = config["out"]
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     ckpt = None
+    if not config["resume"] and os.path.exists(ckpt_path):
+        raise UserError(f"{out_dir} already holds a run (ckpt.pt): add --resume to continue it, or choose another --out")
     if config["resume"]:
         ckpt = load_checkpoint(ckpt_path)
         saved = ckpt["config"]
@@ -209,9 +216,10 @@ def train(config, shards, rank, world, device, cli_overrides=()):
         raw_model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step, best_val = ckpt["step"], ckpt["best_val_loss"]
-        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
-        if cuda and ckpt["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng"]["cuda"]])
+        saved = ckpt["rng"][rank % len(ckpt["rng"])]   # with a new world size, ranks reuse the saved streams
+        torch.set_rng_state(saved["cpu"].cpu())
+        if cuda and saved["cuda"] is not None:
+            torch.cuda.set_rng_state(saved["cuda"].cpu(), device)
         del ckpt
     model = raw_model
     if c.compile:
@@ -248,9 +256,13 @@ def train(config, shards, rank, world, device, cli_overrides=()):
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     bad_steps, t_last, tokens_seen = 0, time.time(), 0
 
-    def checkpoint(why):
+    def checkpoint(why):   # called by every rank at the same step
+        states = [rng_state(device)]
+        if world > 1:
+            states = [None] * world
+            torch.distributed.all_gather_object(states, rng_state(device))
         if master:
-            save_checkpoint(ckpt_path, raw_model, optimizer, step, best_val, config, data_info)
+            save_checkpoint(ckpt_path, raw_model, optimizer, step, best_val, config, data_info, states)
             print(f"saved {ckpt_path} at step {step} ({why})")
 
     try:
@@ -320,11 +332,11 @@ def train(config, shards, rank, world, device, cli_overrides=()):
                 val = evaluate(raw_model, shards, val_ids, c, text_encoder, device, autocast)
                 if val is not None:
                     best_val = min(best_val, val)
+                if master and val is not None:
+                    monitor.log(dict(step=step, val_loss=round(val, 5)))
+                    print(f"step {step}: validation loss {val:.4f} (best {best_val:.4f})")
+                checkpoint("evaluation")
                 if master:
-                    if val is not None:
-                        monitor.log(dict(step=step, val_loss=round(val, 5)))
-                        print(f"step {step}: validation loss {val:.4f} (best {best_val:.4f})")
-                    checkpoint("evaluation")
                     monitor.plot(out_dir)
             if master and c.sample_interval and (step % c.sample_interval == 0 or step == c.max_steps):
                 write_samples(raw_model, text_encoder, c, data_info, step, out_dir, device)

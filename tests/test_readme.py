@@ -63,6 +63,7 @@ def test_every_readme_command_runs(tmp_path):
     run = tmp_path / "runs" / "lofi"
     assert {"ckpt.pt", "metrics.jsonl", "loss.png", "samples"} <= set(os.listdir(run))
     assert any(name.endswith(".mp3") for name in os.listdir(run / "samples"))
+    assert (tmp_path / "runs" / "lofi-8gpu" / "ckpt.pt").exists()
     assert {"chill_lofi_relaxed.mp3", "upbeat_drums.mp3", "jazz_piano.mp3"} <= set(os.listdir(tmp_path / "samples"))
     assert len([f for f in os.listdir(tmp_path / "example_small" / "samples") if f.endswith(".mp3")]) == 12
     assert "Training step" in (tmp_path / "BENCHMARKS.md").read_text()

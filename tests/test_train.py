@@ -65,8 +65,8 @@ def test_checkpoint_loads_weights_only_and_survives_a_crash_mid_write(tmp_path, 
         raise KeyboardInterrupt
     monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint(str(path), None or _model_of(ckpt), torch.optim.AdamW([torch.zeros(1, requires_grad=True)]),
-                              3, 1.0, ckpt["config"], ckpt["data"])
+        train.save_checkpoint(str(path), _model_of(ckpt), torch.optim.AdamW([torch.zeros(1, requires_grad=True)]),
+                              3, 1.0, ckpt["config"], ckpt["data"], [train.rng_state("cpu")])
     assert path.read_bytes() == before and torch.load(path, weights_only=True)["step"] == 2
     assert [p for p in os.listdir(tmp_path / "run") if ".tmp" in p] == []
 
@@ -103,19 +103,30 @@ def test_ddp_two_processes_on_cpu(tmp_path):
         "net = deploy.main(sys.argv[1:])\n"
         "flat = torch.cat([p.detach().flatten() for p in net.parameters()] + [b.flatten() for n, b in net.named_buffers()])\n"
         "torch.save(flat, os.path.join(os.environ['CHECK_DIR'], f\"rank{os.environ['RANK']}.pt\"))\n")
-    out = tmp_path / "run"
     env = dict(os.environ, CHECK_DIR=str(tmp_path), OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-                             "--data", str(data), "--out", str(out), *TINY_TRAIN, "--max_steps=6", "--eval_interval=3",
-                             "--feature_redraw_interval=2", "--grad_accum=2"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "effective batch = 4 clips × 2 accumulation × 2 processes = 16 clips" in result.stdout
-    assert result.stdout.count("saved") == 2                     # only rank 0 writes (steps 3 and 6)
+
+    def torchrun(out, *extra):
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 str(script), "--data", str(data), "--out", str(out), *TINY_TRAIN, "--eval_interval=3",
+                                 "--feature_redraw_interval=2", "--grad_accum=2", "--lr_decay_steps=6", *extra],
+                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return result.stdout
+
+    out = tmp_path / "run"
+    stdout = torchrun(out, "--max_steps=6")
+    assert "effective batch = 4 clips × 2 accumulation × 2 processes = 16 clips" in stdout
+    assert stdout.count("saved") == 2                              # only rank 0 writes (steps 3 and 6)
     assert sorted(os.listdir(out)) == ["ckpt.pt", "loss.png", "metrics.jsonl"]
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert torch.equal(r0, r1)                                    # identical weights and random features
-    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 6
+    uninterrupted = torch.load(out / "ckpt.pt", weights_only=True)
+    assert uninterrupted["step"] == 6 and len(uninterrupted["rng"]) == 2   # each rank's random state
+    # stopped at step 3 and resumed: the same weights as the uninterrupted run
+    torchrun(tmp_path / "run2", "--max_steps=3")
+    torchrun(tmp_path / "run2", "--max_steps=6", "--resume")
+    resumed = torch.load(tmp_path / "run2" / "ckpt.pt", weights_only=True)
+    assert all(torch.equal(resumed["model"][k], uninterrupted["model"][k]) for k in resumed["model"])
 
 
 def test_bad_inputs_give_clear_errors(tmp_path):
@@ -132,6 +143,8 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     with pytest.raises(SystemExit, match="no checkpoint at"):
         run(data, tmp_path / "nothing", "--resume")
     run(data, tmp_path / "r", "--max_steps=1", "--eval_interval=1")
+    with pytest.raises(SystemExit, match="already holds a run .*add --resume to continue it, or choose another --out"):
+        run(data, tmp_path / "r", "--max_steps=1")
     with pytest.raises(SystemExit, match="cannot change dim when resuming: the checkpoint's model has dim=32"):
         deploy.main(["--data", str(data), "--out", str(tmp_path / "r"), "--resume", "--dim=64"])
     with pytest.raises(SystemExit, match="unknown setting --learning_rate"):
