@@ -168,3 +168,30 @@ def test_each_torchrun_rank_encodes_its_own_share(music_dir, tmp_path, monkeypat
 def read_shards_file(path):
     with h5py.File(path) as f:
         return [s.decode() for s in f["source"][:]]
+
+
+def test_resume_after_kill_9(tmp_path):
+    """A real kill -9 in the middle of a run, then a rerun: the same clips as a clean run, none twice."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from conftest import ROOT
+    music = tmp_path / "music"
+    music.mkdir()
+    for i in range(8):
+        sf.write(music / f"f{i}.wav", example.synth_clip(seconds=2.5, seed=i), 48_000)
+    args = ["--input", str(music), *FAST, "--shard_clips=1", "--batch_size=2"]
+    proc = subprocess.Popen([sys.executable, "compress.py", *args, "--output", str(tmp_path / "killed")], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not compress.finished_shards(str(tmp_path / "killed")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(compress.finished_shards(str(tmp_path / "killed"))) < 8           # it was stopped part-way
+    assert compress.main([*args, "--output", str(tmp_path / "killed")]) == 0
+    assert compress.main([*args, "--output", str(tmp_path / "clean")]) == 0
+    killed, clean = read_shards(tmp_path / "killed"), read_shards(tmp_path / "clean")
+    assert killed.keys() == clean.keys() and len(clean) == 8
+    assert sum(len(read_shards_file(p)) for p in compress.finished_shards(str(tmp_path / "killed"))) == 8

@@ -159,3 +159,18 @@ def test_divergence_skips_updates_then_stops_with_a_message(tmp_path):
         run(data, tmp_path / "r", "--max_steps=50", "--eval_interval=1", "--lr=1e20", "--warmup_steps=0",
             "--max_bad_steps=3", "--grad_clip=0")
     assert torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)["step"] >= 1   # the last good one stays
+
+
+def test_padding_beyond_a_clip_is_read_as_unknown_and_not_scored(tmp_path):
+    import model as M
+    shards = deploy.Shards(str(write_shards(tmp_path / "data", clips=3, steps=300)))
+    assert shards.lengths[0] == 260                         # clip 0 is shorter than the array
+    codes = shards.read(0, 200, 100)
+    assert (codes[:, :60] >= 0).all() and (codes[:, 60:] == M.UNKNOWN).all()
+    targets = torch.from_numpy(codes)[None]
+    logits = torch.randn(1, 4, 100, 1024)
+    loss, per = M.codebook_loss(logits, targets)
+    valid_only, _ = M.codebook_loss(logits[:, :, :60], targets[:, :, :60])
+    assert torch.allclose(loss, valid_only)
+    tokens = M.inputs_from_targets(targets, 1024)
+    assert tokens[0, 0, 0] == 1024 and (tokens[0, :, 61:] == 1024).all()   # start token first; padding read as start
