@@ -186,12 +186,12 @@ def local_attention(q, k, v, window):
     pad = (-t) % w
     q, k, v = (F.pad(z, (0, 0, 0, pad)) for z in (q, k, v))
     n = (t + pad) // w
-    q, k, v = (z.reshape(b, h, n, w, d) for z in (q, k, v))
-    k2, v2 = (torch.cat([F.pad(z, (0, 0, 0, 0, 1, -1)), z], dim=3) for z in (k, v))  # (B, H, n, 2w, d)
+    q, k, v = (z.reshape(b * h, n, w, d) for z in (q, k, v))              # 4-D, as the fused kernels want
+    k2, v2 = (torch.cat([F.pad(z, (0, 0, 0, 0, 1, -1)), z], dim=2) for z in (k, v))  # (B·H, n, 2w, d)
     i, j = torch.arange(w, device=q.device)[:, None], torch.arange(2 * w, device=q.device)[None]
     band = (j > i + (w - window)) & (j <= i + w)       # key j is at offset i + w - j in [0, window) behind
     first = band & (j >= w)                            # block 0 has no previous block
-    mask = torch.stack([first] + [band] * (n - 1))[:, None].transpose(0, 1)  # (1, n, w, 2w)
+    mask = torch.stack([first] + [band] * (n - 1))     # (n, w, 2w), the same for every batch and head
     out = F.scaled_dot_product_attention(q, k2, v2, attn_mask=mask)
     return out.reshape(b, h, n * w, d)[:, :, :t]
 
