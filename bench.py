@@ -170,7 +170,6 @@ def decode_part(c, dev):
     """Recurrent decoding of `decode_steps` steps at batch 1 vs re-feeding the whole sequence each step
     (re-feeding measured for its first 150 steps, and its full cost integrated from single forwards)."""
     import generate
-    import model as M
     net = our_model(dict(dropout=0.0), dev).eval()
     text_encoder = lambda texts, device: (torch.randn(len(texts), 16, 384, device=device),
                                           torch.ones(len(texts), 16, dtype=torch.bool, device=device))

@@ -7,7 +7,6 @@ import functools
 import json
 import math
 import os
-import sys
 import warnings
 from contextlib import contextmanager
 
@@ -93,11 +92,6 @@ def parse_settings(defaults, argv):
             config[name] = _parse_value(name, value, default)
         i += 1
     return config
-
-
-def print_settings(config, keys=None):
-    keys = keys or sorted(config)
-    print(" ".join(f"{k}={config[k]}" for k in keys))
 
 
 # -----------------------------------------------------------------------------

@@ -13,7 +13,6 @@ in finished shards are skipped. The shard layout is documented in README.md.
 import csv
 import glob
 import json
-import math
 import multiprocessing as mp
 import os
 import sys

@@ -8,6 +8,7 @@ Train a music transformer on the .h5 shards written by compress.py.
 Effective batch = batch_size × grad_accum × number of processes. Ctrl-C or SIGTERM (a preempted VM)
 saves RUN_DIR/ckpt.pt and exits; --resume continues exactly where it stopped.
 """
+import dataclasses
 import glob
 import os
 import sys
@@ -79,7 +80,7 @@ dtype = "bfloat16"          # autocast dtype on CUDA: bfloat16, float16 or float
 compile = False             # torch.compile the model
 seed = 1337
 # -----------------------------------------------------------------------------
-MODEL_SETTINGS = [f.name for f in M.fields(M.ModelConfig) if f.name not in ("n_q", "vocab", "text_dim", "chunk_size", "seed")]
+MODEL_SETTINGS = [f.name for f in dataclasses.fields(M.ModelConfig) if f.name not in ("n_q", "vocab", "text_dim", "chunk_size", "seed")]
 
 
 class Shards:

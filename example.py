@@ -8,7 +8,6 @@ It synthesises labelled clips of chords, arpeggios and drum patterns ("upbeat ma
 writes one MP3 per label with generate.py. It uses the pretrained Encodec when it can be loaded;
 otherwise the untrained codec, and then the audio is noise, not music (it says so).
 """
-import math
 import os
 import sys
 

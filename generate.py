@@ -8,7 +8,6 @@ Generate music from text with a trained checkpoint.
 Writes one MP3 (or WAV) per prompt and sample into --out, each with a .json of every setting used.
 Tokens come from the model's recurrent state: one prefill, then constant cost per step.
 """
-import json
 import math
 import os
 import re

@@ -13,7 +13,7 @@ cross-attending to a label encoded by a frozen BERT-family model.
 """
 import os
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -74,10 +74,6 @@ class ModelConfig:
 
 START = -2      # in a layout: a slot with no code (delay pattern's corners); fed as the start token
 UNKNOWN = -1    # in codes: padding beyond a clip's length, or steps still to be generated
-
-
-def layout_length(steps, n_q, pattern):
-    return steps + (n_q - 1 if pattern == "delay" else 0)
 
 
 def to_layout(codes, pattern):

@@ -1,8 +1,6 @@
 """generate.py: prompt → MP3 through the model's recurrent state."""
 import json
 import os
-from dataclasses import replace
-
 import numpy as np
 import pytest
 import soundfile as sf
