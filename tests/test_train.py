@@ -150,6 +150,11 @@ def test_bad_inputs_give_clear_errors(tmp_path):
         run(data, tmp_path / "r", "--learning_rate=1")
     with pytest.raises(SystemExit, match="kernel='relu': use generalized or softmax"):
         run(data, tmp_path / "r2", "--kernel=relu")
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(SystemExit, match="tensorboard=True needs the tensorboard package"):
+            run(data, tmp_path / "r3", "--tensorboard")
 
 
 def test_divergence_skips_updates_then_stops_with_a_message(tmp_path):
