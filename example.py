@@ -99,7 +99,8 @@ def main(argv):
             common.load_codec("pretrained")
             codec = "pretrained"
         except SystemExit as e:
-            print(f"{e}\n\nNOTE: using the UNTRAINED codec instead. The pipeline runs end to end, but the MP3s "
+            reason = str(e.code).removeprefix("error: ")
+            print(f"The pretrained codec is not available here: {reason}\n\nNOTE: using the UNTRAINED codec instead. The pipeline runs end to end, but the MP3s "
                   "will sound like noise, not music. Give --codec_weights to compress.py/generate.py for real audio.\n")
             codec = "untrained"
 
