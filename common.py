@@ -59,9 +59,10 @@ def _parse_value(name, text, default):
     return text
 
 
-def parse_settings(defaults, argv):
+def parse_settings(defaults, argv, given=None):
     """Apply `--name=value` / `--name value` overrides to a copy of `defaults` (a dict from `settings`).
-    List settings (e.g. prompt) collect every occurrence; a bare `--flag` sets a boolean to true."""
+    List settings (e.g. prompt) collect every occurrence; a bare `--flag` sets a boolean to true.
+    If `given` is a set, the names set on the command line are added to it."""
     config = dict(defaults)
     seen_lists = set()
     i = 0
@@ -84,9 +85,12 @@ def parse_settings(defaults, argv):
                 value = argv[i]
             else:
                 raise UserError(f"--{name} needs a value")
+        if given is not None:
+            given.add(name)
         if isinstance(default, list):
-            if name not in seen_lists:
-                config[name], _ = [], seen_lists.add(name)
+            if name not in seen_lists:    # the first --prompt replaces the default list
+                config[name] = []
+                seen_lists.add(name)
             config[name].append(value)
         else:
             config[name] = _parse_value(name, value, default)
@@ -300,8 +304,7 @@ def _untrained_codec(seed):
 def encode_clips(codec, wav):
     """wav (B, 2, clip_samples(S)) → codes (B, n_q, 150*S) int64 and scales (B, S): the encodec package's
     own model.encode, its S full 1 s segments joined (the 480-sample tail it also returns is dropped)."""
-    segments = (wav.shape[-1] - SAMPLE_RATE) // SEGMENT_STRIDE + 1
-    frames = codec.encode(wav)[:segments]
+    frames = codec.encode(wav)[:whole_segments(wav.shape[-1])]
     codes = torch.cat([c for c, _ in frames], dim=-1)
     scales = torch.cat([s for _, s in frames], dim=-1)
     return codes, scales
@@ -318,3 +321,8 @@ def decode_codes(codec, codes, scales):
 def clip_samples(segments):
     """Samples of audio that the codec turns into exactly `segments` full segments (150 steps each)."""
     return (segments - 1) * SEGMENT_STRIDE + SAMPLE_RATE
+
+
+def whole_segments(samples):
+    """How many full codec segments fit in `samples` of audio (0 below 1 s): the inverse of clip_samples."""
+    return (samples - SAMPLE_RATE) // SEGMENT_STRIDE + 1 if samples >= SAMPLE_RATE else 0

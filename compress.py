@@ -126,7 +126,7 @@ def load_clips(job):
         start += hop
     remainder = n - start
     if remainder >= max(min_secs * SAMPLE_RATE, SAMPLE_RATE):
-        segments = (remainder - SAMPLE_RATE) // SEGMENT_STRIDE + 1
+        segments = common.whole_segments(remainder)
         result["clips"].append((start / SAMPLE_RATE, wav[:, start:start + common.clip_samples(segments)]))
     elif remainder > SAMPLE_RATE - SEGMENT_STRIDE:  # beyond the overlap the last clip already covers
         result["dropped_seconds"] = remainder / SAMPLE_RATE

@@ -191,8 +191,8 @@ def collate(items):
 
 
 def main(argv):
-    defaults = common.settings(globals())
-    cfg = common.parse_settings(defaults, argv)
+    given = set()
+    cfg = common.parse_settings(common.settings(globals()), argv, given)
     if not cfg["data"]:
         raise UserError("--data is missing: give the folder of .h5 shards written by compress.py")
     rank, local_rank, world = common.distributed_env()
@@ -207,7 +207,7 @@ def main(argv):
     shards = Shards(cfg["data"])
     import train
     try:
-        return train.train(cfg, shards, rank, world, dev, cli_overrides=[a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")])
+        return train.train(cfg, shards, rank, world, dev, cli_overrides=sorted(given))
     finally:
         if world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -174,8 +174,8 @@ def main(argv):
     scale, prompt_codes = data_info["typical_scale"], None
     if continuation is not None:
         wav = common.to_stereo_48k(*continuation)
-        segments = (wav.shape[1] - common.SAMPLE_RATE) // common.SEGMENT_STRIDE + 1
-        if wav.shape[1] < common.SAMPLE_RATE or segments * common.SEGMENT_STEPS >= steps:
+        segments = common.whole_segments(wav.shape[1])
+        if segments == 0 or segments * common.SEGMENT_STEPS >= steps:
             raise UserError(f"--continue_from must hold at least 1 s of audio and be shorter than --seconds={c['seconds']}")
         with torch.no_grad():
             codes, scales = common.encode_clips(codec, wav[None, :, :common.clip_samples(segments)].to(dev))
