@@ -3,10 +3,16 @@ Helpers shared by the scripts: command-line settings, audio in and out, the Enco
 and writing files atomically. Each script keeps its own settings; only code lives here.
 """
 import difflib
+import errno
 import functools
+import glob
+import itertools
 import json
 import math
 import os
+import shutil
+import subprocess
+import tempfile
 import warnings
 from contextlib import contextmanager
 
@@ -47,7 +53,10 @@ def _parse_value(name, text, default):
     for kind in (int, float):
         if isinstance(default, kind):
             try:
-                return kind(text)
+                value = kind(text)
+                if kind is float and not math.isfinite(value):
+                    raise UserError(f"--{name} takes a finite number, not {text!r}")
+                return value
             except ValueError:
                 try:  # allow 1e4 for an int setting when it is a whole number
                     value = float(text)
@@ -98,6 +107,18 @@ def parse_settings(defaults, argv, given=None):
     return config
 
 
+def check_ranges(config, ranges):
+    """ranges: {name: "[low, high)"}, in interval notation ("inf" allowed): a setting outside its interval
+    stops with one line that names it and the interval."""
+    for name, interval in ranges.items():
+        low, high = (float(x) for x in interval[1:-1].split(","))
+        value = config[name]
+        above = value > low or (interval[0] == "[" and value == low)
+        below = value < high or (interval[-1] == "]" and value == high)
+        if not (above and below):
+            raise UserError(f"{name}={value} is out of range: it must be in {interval}")
+
+
 # -----------------------------------------------------------------------------
 # files
 
@@ -114,10 +135,80 @@ def atomic_path(path):
             os.remove(tmp)
 
 
+def publish_new(tmp, candidates):
+    """Move the finished file `tmp` to the first name in `candidates` that is free, and return it. A hard
+    link claims a name atomically: no existing file is ever replaced, whatever runs at the same time."""
+    for path in candidates:
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            continue
+        os.remove(tmp)
+        return path
+    raise UserError(f"no free file name left for {tmp}")
+
+
+def numbered(path):
+    """path, then path_1, path_2, ... (the number before the extension)."""
+    stem, ext = os.path.splitext(path)
+    yield path
+    for n in itertools.count(1):
+        yield f"{stem}_{n}{ext}"
+
+
+def remove_stale_temps(pattern):
+    """Delete the temporary files `<pattern>.tmp<pid>` left by atomic_path writes that were killed: those
+    whose process no longer runs. `pattern` is a glob (escape the folder part with glob.escape)."""
+    for tmp in glob.glob(pattern + ".tmp*"):
+        pid = tmp.rsplit(".tmp", 1)[1]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:     # alive, but someone else's
+        pass
+    return True
+
+
 def write_json(path, obj):
     with atomic_path(path) as tmp:
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2)
+
+
+def check_writable(folder, flag):
+    """Make `folder` if needed and prove a file can be written in it, before any long work starts."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError(f"--{flag}={folder} is a file, not a folder: choose a folder")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-") as f:
+            f.write(b"x")
+            f.flush()
+    except OSError as e:
+        raise UserError(f"cannot write into --{flag}={folder} ({e.strerror}): choose a folder you can write to"
+                        + (" on a disk with free space" if e.errno == errno.ENOSPC else "")) from None
+
+
+@contextmanager
+def disk_errors(path, intact):
+    """Turn a failed write of `path` (disk full, read-only, no permission) into one line that says what is
+    still intact, instead of a traceback."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO):
+            raise
+        what = "no space left on the device" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror.lower()
+        raise UserError(f"{what} while writing {path}; {intact}") from None
 
 
 def distributed_env():
@@ -126,37 +217,153 @@ def distributed_env():
 
 
 def pick_device(name):
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={name} but no CUDA GPU is visible; use --device=cpu")
+    """auto → cuda when torch can use a GPU, else cpu; but a GPU that the system shows and torch cannot
+    use stops the run, so a day of training never runs silently on the CPU."""
+    if name == "auto" or name.startswith("cuda"):
+        if torch.cuda.is_available():
+            return "cuda" if name == "auto" else name
+        driver = nvidia_driver()
+        if driver:
+            raise UserError(_unusable_gpu_message(driver))
+        if name != "auto":
+            raise UserError(f"device={name} but no CUDA GPU is visible; use --device=cpu")
+        return "cpu"
     return name
+
+
+# the oldest driver each CUDA major version runs on (NVIDIA's minor-version compatibility table)
+_MIN_DRIVER = {11: 450, 12: 525, 13: 580}
+
+
+def _unusable_gpu_message(driver):
+    cuda = torch.version.cuda
+    if cuda is None:
+        why = "this torch is a CPU-only build"
+    else:
+        need = _MIN_DRIVER.get(int(cuda.split(".")[0]))
+        why = f"it is built for CUDA {cuda}" + (f", which needs NVIDIA driver {need} or newer" if need else "")
+    return (f"an NVIDIA GPU is visible (driver {driver}) but torch {torch.__version__} cannot use it: {why}. Either "
+            "update the NVIDIA driver, or install the torch build for your CUDA version from PyTorch's wheel index "
+            "(README, troubleshooting: 'GPU not used'); --device=cpu runs on the CPU on purpose")
+
+
+def nvidia_driver():
+    """The NVIDIA driver version if the system shows a GPU (nvidia-smi or a device node), else None."""
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            out = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=30)
+            if out.returncode == 0 and out.stdout.strip():
+                return out.stdout.split()[0]
+        except (OSError, subprocess.SubprocessError):
+            pass
+    try:
+        with open("/proc/driver/nvidia/version") as f:
+            return f.read().split("Kernel Module")[1].split()[0]
+    except (OSError, IndexError):
+        pass
+    if glob.glob("/dev/nvidia[0-9]*") or smi:
+        return "unknown: nvidia-smi does not answer"
+    return None
 
 
 # -----------------------------------------------------------------------------
 # audio in
 
-def read_audio(path):
-    """Read any WAV/FLAC/OGG/MP3 as float32 (channels, samples) and its sample rate."""
+def stream_48k(path, block_seconds=10.0):
+    """Yield an audio file (WAV/FLAC/OGG/MP3, any rate and channel count) as consecutive float32 (2, n)
+    blocks at 48 kHz stereo. Memory is bounded by the block, not the file, and the blocks joined are
+    sample for sample what resampling the whole file at once gives: each block is resampled with enough
+    real context on both sides, starting at a multiple of the resampler's period."""
     import soundfile as sf
-    with warnings.catch_warnings():
+    info = sf.info(path)
+    sr = info.samplerate
+    if sr == SAMPLE_RATE:
+        for block in _native_blocks(path, info, int(block_seconds * sr)):
+            yield _to_stereo(block)
+        return
+    import torchaudio.transforms as AT
+    g = math.gcd(sr, SAMPLE_RATE)
+    period, out_period = sr // g, SAMPLE_RATE // g          # every `period` inputs give `out_period` outputs
+    resample = AT.Resample(sr, SAMPLE_RATE, dtype=torch.float32)   # the kernel torchaudio.functional.resample uses
+    context = period * -(-512 // period)                    # > the resampling kernel's reach, a whole number of periods
+    step = period * max(1, round(block_seconds * sr / period))
+    buf, buf_start, start, total = torch.zeros(2, 0), 0, 0, 0
+
+    def resampled(end, at_end):
+        a = max(0, start - context)
+        y = resample(buf[:, a - buf_start:(total if at_end else end + context) - buf_start])
+        last = math.ceil(total * out_period / period) if at_end else end // period * out_period
+        skip = (start - a) // period * out_period
+        return y[:, skip:skip + last - start // period * out_period]
+
+    for block in _native_blocks(path, info, step):
+        buf = torch.cat([buf, _to_stereo(block)], 1)
+        total += block.shape[0]
+        while total >= start + step + context:
+            yield resampled(start + step, False)
+            start += step
+            keep = max(0, start - context)
+            buf, buf_start = buf[:, keep - buf_start:], keep
+    while start < total:
+        end = min(start + step, total)
+        yield resampled(end, end == total)
+        start = end
+
+
+def _native_blocks(path, info, frames):
+    """float32 (frames, channels) blocks at the file's own rate."""
+    if info.format == "MP3":   # libsndfile's MP3 reader glitches at the edges of partial reads: use ffmpeg
+        cmd = [ffmpeg_exe(), "-v", "error", "-nostdin", "-i", path, "-map", "0:a:0", "-f", "f32le", "-acodec", "pcm_f32le",
+               "-ac", str(info.channels), "-ar", str(info.samplerate), "-"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            width = 4 * info.channels
+            while True:
+                data = proc.stdout.read(frames * width)
+                if len(data) >= width:
+                    yield np.frombuffer(data[:len(data) // width * width], np.float32).reshape(-1, info.channels)
+                if len(data) < frames * width:
+                    break
+            if proc.wait() != 0:
+                raise RuntimeError(proc.stderr.read().decode(errors="replace").strip().splitlines()[-1:] or "ffmpeg failed")
+        finally:
+            proc.kill()
+            proc.wait()
+            proc.stdout.close()
+            proc.stderr.close()
+        return
+    import soundfile as sf
+    with warnings.catch_warnings(), sf.SoundFile(path) as f:
         warnings.simplefilter("ignore")
-        data, sr = sf.read(path, dtype="float32", always_2d=True)
-    return np.ascontiguousarray(data.T), sr
+        while True:
+            block = f.read(frames, dtype="float32", always_2d=True)
+            if not len(block):
+                break
+            yield block
 
 
-def to_stereo_48k(audio, sr):
-    """(C, N) at any rate → (2, M) at 48 kHz. Mono is duplicated; beyond two channels, the first two
-    are kept as left/right and the rest mixed equally into both (a plain downmix)."""
+def _to_stereo(block):
+    """(frames, C) → (2, frames). Mono is duplicated; beyond two channels, the first two are kept as
+    left/right and the rest mixed equally into both (a plain downmix)."""
+    audio = block.T
     if audio.shape[0] == 1:
         audio = np.repeat(audio, 2, axis=0)
     elif audio.shape[0] > 2:
         audio = audio[:2] + 0.5 * audio[2:].mean(axis=0, keepdims=True)
-    wav = torch.from_numpy(np.ascontiguousarray(audio))
-    if sr != SAMPLE_RATE:
-        import torchaudio.functional as AF
-        wav = AF.resample(wav, sr, SAMPLE_RATE)
-    return wav.clamp_(-1.0, 1.0)
+    return torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
+
+
+def load_audio(path, last_seconds=None):
+    """A whole file as (2, N) float32 at 48 kHz, or only its last `last_seconds` (read in blocks)."""
+    keep = None if last_seconds is None else int(last_seconds * SAMPLE_RATE)
+    out = torch.zeros(2, 0)
+    for block in stream_48k(path):
+        out = torch.cat([out, block], 1)
+        if keep is not None and out.shape[1] > 2 * keep:
+            out = out[:, -keep:]
+    return out if keep is None else out[:, -keep:]
 
 
 # -----------------------------------------------------------------------------
@@ -167,22 +374,90 @@ def ffmpeg_exe():
     return imageio_ffmpeg.get_ffmpeg_exe()
 
 
-def write_audio(path, wav, fmt="mp3", bitrate="192k"):
-    """Write (2, N) float audio at 48 kHz as MP3 (through pydub and the bundled ffmpeg) or WAV, atomically."""
-    pcm = (wav.detach().float().clamp(-1, 1).cpu().numpy().T * 32767).astype(np.int16)  # (N, 2)
-    with atomic_path(path) as tmp:
-        if fmt == "wav":
-            import soundfile as sf
-            sf.write(tmp, pcm, SAMPLE_RATE, format="WAV", subtype="PCM_16")
-        elif fmt == "mp3":
-            with warnings.catch_warnings():   # pydub warns at import that no system ffmpeg is on PATH
-                warnings.simplefilter("ignore")
-                from pydub import AudioSegment
-            AudioSegment.converter = ffmpeg_exe()
-            seg = AudioSegment(pcm.tobytes(), frame_rate=SAMPLE_RATE, sample_width=2, channels=pcm.shape[1])
-            seg.export(tmp, format="mp3", bitrate=bitrate)
-        else:
+class AudioWriter:
+    """Writes 48 kHz stereo audio as it comes: write((2, n) float) appends, close() gives the file its final
+    name. Until then it lives under `<name>.partial.<ext>`, a name that says so, which is what an interrupted
+    run leaves behind. The final name never replaces an existing file (a number is added instead) unless
+    overwrite=True. WAV: the header is rewritten after each append, so the file is always a valid WAV of what
+    has been written; MP3: the samples go through the bundled ffmpeg, which writes MP3 frames as they come."""
+
+    def __init__(self, path, fmt="mp3", bitrate="192k", overwrite=False):
+        if fmt not in ("mp3", "wav"):
             raise UserError(f"format={fmt!r} is not supported; use mp3 or wav")
+        self.path, self.fmt, self.overwrite, self.samples = path, fmt, overwrite, 0
+        stem, ext = os.path.splitext(path)
+        for partial in numbered(f"{stem}.partial{ext}"):
+            try:
+                self.file = open(partial, "xb")       # claims the name: concurrent runs never share one
+                break
+            except FileExistsError:
+                continue
+        self.partial = partial
+        if fmt == "wav":
+            import wave
+            self.wav = wave.open(self.file, "wb")
+            self.wav.setnchannels(CHANNELS)
+            self.wav.setsampwidth(2)
+            self.wav.setframerate(SAMPLE_RATE)
+        else:
+            self.file.close()
+            cmd = [ffmpeg_exe(), "-v", "error", "-nostdin", "-y", "-probesize", "32", "-analyzeduration", "0", "-f", "s16le", "-ar", str(SAMPLE_RATE), "-ac", str(CHANNELS),
+                   "-i", "pipe:0", "-c:a", "libmp3lame", "-b:a", bitrate, "-flush_packets", "1", "-f", "mp3", partial]
+            self.ffmpeg = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def write(self, wav):
+        pcm = (wav.detach().float().clamp(-1, 1).cpu().numpy().T * 32767).astype(np.int16)   # (n, 2)
+        self.samples += pcm.shape[0]
+        if self.fmt == "wav":
+            self.wav.writeframes(pcm.tobytes())
+            self.file.flush()
+        else:
+            try:
+                self.ffmpeg.stdin.write(pcm.tobytes())
+                self.ffmpeg.stdin.flush()
+            except BrokenPipeError:
+                self._ffmpeg_failed()
+
+    def _ffmpeg_failed(self):
+        message = self.ffmpeg.stderr.read().decode(errors="replace").strip().splitlines()
+        raise UserError(f"ffmpeg could not write {self.partial}: {message[-1] if message else 'it stopped'}")
+
+    def _finish_encoding(self):
+        if self.fmt == "wav":
+            self.wav.close()
+            self.file.close()
+        else:
+            self.ffmpeg.stdin.close()
+            if self.ffmpeg.wait() != 0:
+                self._ffmpeg_failed()
+
+    def close(self):
+        """Finish the file and give it its final name (returned)."""
+        self._finish_encoding()
+        if self.overwrite:
+            os.replace(self.partial, self.path)
+            return self.path
+        return publish_new(self.partial, (p for p in numbered(self.path) if not os.path.exists(p + ".json")))
+
+    def abort(self):
+        """Stop writing and keep what was written under its partial name."""
+        try:
+            self._finish_encoding()
+        except (UserError, OSError, ValueError):
+            pass
+        return self.partial
+
+
+def write_audio(path, wav, fmt="mp3", bitrate="192k", overwrite=True):
+    """Write (2, N) float audio at 48 kHz as MP3 (through the bundled ffmpeg) or WAV, in one go. Returns the
+    name written (see AudioWriter for overwrite=False)."""
+    writer = AudioWriter(path, fmt, bitrate, overwrite)
+    try:
+        writer.write(wav)
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.close()
 
 
 def write_spectrogram(path, wav):
@@ -224,11 +499,14 @@ def load_codec(codec="pretrained", weights="", seed=0, bandwidth=6.0, device="cp
     elif codec == "pretrained":
         model = EncodecModel.encodec_model_48khz(pretrained=False)
         try:
-            state = torch.load(weights, map_location="cpu") if weights else _download_codec_weights()
+            state = torch.load(weights, map_location="cpu", weights_only=True) if weights else _download_codec_weights()
             model.load_state_dict(state)
         except Exception as e:
+            import pickle
+            reason = ("it is not a file of plain tensors" if isinstance(e, pickle.UnpicklingError)
+                      else f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}")
             raise UserError(
-                f"could not load the pretrained Encodec 48 kHz weights ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+                f"could not load the pretrained Encodec 48 kHz weights{' from ' + weights if weights else ''} ({reason}). "
                 "Either give a local copy with --codec_weights=PATH/encodec_48khz-7e698e3e.th, or use "
                 "--codec=untrained (random codec: for tests and demos only, it will not sound like music)") from None
     else:
@@ -243,7 +521,7 @@ def _download_codec_weights():
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(60)   # a firewalled machine fails in a minute instead of hanging
     try:
-        return torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=True, progress=False)
+        return torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=True, progress=False, weights_only=True)
     finally:
         socket.setdefaulttimeout(previous)
 

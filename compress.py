@@ -8,13 +8,17 @@ Turn a folder of audio and text labels into Encodec 48 kHz tokens stored in .h5 
 Labels come from metadata.csv (columns file,text) or metadata.jsonl ({"file": ..., "text": ...}) in the
 input folder, else from a sidecar per audio file: name.txt (the text) or name.json (audiocraft style:
 "description", else "genre", "moods", "keywords", "instrument" joined). Rerunning resumes: files already
-in finished shards are skipped. The shard layout is documented in README.md.
+in finished shards (same path, size and modification time) are skipped. The shard layout is documented
+in README.md.
 """
 import csv
 import glob
+import io
+import itertools
 import json
 import multiprocessing as mp
 import os
+import queue
 import sys
 import time
 from collections import Counter
@@ -42,152 +46,268 @@ num_workers = 4         # processes that read and resample audio (0: in this pro
 shard_clips = 2000      # start a new shard after this many clips (shards end at file boundaries)
 device = "auto"         # auto (cuda when available), cpu, cuda
 # -----------------------------------------------------------------------------
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2      # 2: per-clip file_size and file_mtime_ns, so resuming knows a file by more than its name
 SILENCE_RMS = 1e-4      # clips quieter than -80 dBFS carry no music
+PIECE_CLIPS = 4         # a reader hands over a long file this many clips at a time (memory: a few clips)
+SHOW = 5                # names listed per problem in the summary
 
 
 # -----------------------------------------------------------------------------
 # labels
 
+def label_text(value):
+    """A label from metadata: null → empty, a list → its items joined with commas, else the text."""
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)):
+        return ", ".join(str(v).strip() for v in value if v is not None and str(v).strip())
+    return str(value).strip()
+
+
 def _sidecar_text(audio_path):
     base = os.path.splitext(audio_path)[0]
     if os.path.exists(base + ".txt"):
-        with open(base + ".txt", encoding="utf-8") as f:
+        with open(base + ".txt", encoding="utf-8-sig") as f:
             return f.read().strip()
     if os.path.exists(base + ".json"):
-        with open(base + ".json", encoding="utf-8") as f:
+        with open(base + ".json", encoding="utf-8-sig") as f:
             meta = json.load(f)
-        if str(meta.get("description") or "").strip():
-            return str(meta["description"]).strip()
-        parts = []
-        for key in ("genre", "moods", "keywords", "instrument"):
-            value = meta.get(key)
-            parts += value if isinstance(value, list) else [value] if value else []
-        return ", ".join(str(p).strip() for p in parts if str(p).strip()) or None
+        if label_text(meta.get("description")):
+            return label_text(meta["description"])
+        parts = [label_text(meta.get(key)) for key in ("genre", "moods", "keywords", "instrument")]
+        return ", ".join(p for p in parts if p) or None
     return None
 
 
-def load_labels(root, files):
-    """{relative path: text or None} from metadata.csv / metadata.jsonl, else per-file sidecars."""
-    table = {}
+def _table_key(path):
+    """metadata paths written on Windows use backslashes: both separators mean the same file."""
+    return os.path.normpath(path.replace("\\", "/"))
+
+
+def read_metadata(root):
+    """{path as written: text} from metadata.csv or metadata.jsonl (a byte-order mark is fine), or None."""
     csv_path, jsonl_path = os.path.join(root, "metadata.csv"), os.path.join(root, "metadata.jsonl")
+    table = {}
     if os.path.exists(csv_path):
-        with open(csv_path, newline="", encoding="utf-8") as f:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             if not {"file", "text"} <= set(reader.fieldnames or []):
                 raise UserError(f"{csv_path} needs a header row with columns file,text (found {reader.fieldnames})")
             for row in reader:
-                table[os.path.normpath(row["file"])] = (row["text"] or "").strip()
-    elif os.path.exists(jsonl_path):
-        with open(jsonl_path, encoding="utf-8") as f:
+                table[row["file"] or ""] = label_text(row["text"])
+        return table
+    if os.path.exists(jsonl_path):
+        with open(jsonl_path, encoding="utf-8-sig") as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 try:
                     row = json.loads(line)
-                    table[os.path.normpath(row["file"])] = str(row["text"]).strip()
-                except (ValueError, KeyError, TypeError):
+                    table[str(row["file"])] = label_text(row.get("text"))
+                except (ValueError, KeyError, TypeError, AttributeError):
                     raise UserError(f'{jsonl_path} line {n} is not {{"file": ..., "text": ...}}') from None
-    labels = {}
+        return table
+    return None
+
+
+def load_labels(root, files):
+    """{relative path: text, or None when a file has no label}, and the metadata rows that name no file.
+    A row matches a file by its path with either separator, then by the same path in other letter case."""
+    table = read_metadata(root) or {}
+    exact = {_table_key(rel): rel for rel in files}
+    folded = {}
     for rel in files:
-        text = table.get(os.path.normpath(rel))
-        labels[rel] = text if text is not None else _sidecar_text(os.path.join(root, rel))
-    return labels
+        folded.setdefault(_table_key(rel).lower(), []).append(rel)
+    labels, orphans = {}, []
+    for written, text in table.items():
+        key = _table_key(written)
+        match = exact.get(key) or (folded[key.lower()][0] if len(folded.get(key.lower(), [])) == 1 else None)
+        if match is None:
+            orphans.append(written)
+        elif match not in labels or key in exact:
+            labels[match] = text
+    for rel in files:
+        if rel not in labels:
+            labels[rel] = _sidecar_text(os.path.join(root, rel))
+    return labels, orphans
 
 
 # -----------------------------------------------------------------------------
-# reading audio (runs in worker processes)
+# reading audio (in worker processes): a file becomes pieces of a few clips each, then a summary
 
-def _init_worker():
-    torch.set_num_threads(1)
-
-
-def load_clips(job):
-    """Read one file and cut it into clips. Returns a dict with the clips [(start_seconds, (2, samples))],
-    or a skip reason. Clips hold whole codec segments: `clip_seconds` of them, or fewer for a remainder."""
-    path, rel, clip_segments, min_secs = job
-    result = dict(rel=rel, clips=[], reason=None, detail="", dropped_seconds=0.0, silent_clips=0)
+def file_pieces(path, rel, clip_segments, min_secs):
+    """Yield dicts for one file: pieces {clips: [(start_seconds, (2, samples) float32)]}, the last one with
+    last=True and the file's summary (or a skip reason, which voids the pieces before it). Clips hold whole
+    codec segments: `clip_segments` of them, or fewer for a remainder. A clip louder than full scale is
+    scaled down to peak 1.0 rather than clipped."""
+    summary = dict(rel=rel, last=True, clips=[], reason=None, detail="", seconds=0.0, dropped_seconds=0.0,
+                   silent_clips=0, loud_clips=0, peak=0.0)
     if os.path.getsize(path) == 0:
-        return dict(result, reason="empty file")
-    try:
-        audio, sr = common.read_audio(path)
-    except Exception as e:
-        return dict(result, reason="unreadable", detail=str(e).splitlines()[0][:120] if str(e) else type(e).__name__)
-    if audio.size == 0:
-        return dict(result, reason="empty file", detail="no samples")
-    if not np.isfinite(audio).all():
-        return dict(result, reason="unreadable", detail="contains NaN or infinite samples")
-    wav = common.to_stereo_48k(audio, sr)
-    n = wav.shape[1]
+        yield dict(summary, reason="empty file")
+        return
     full, hop = common.clip_samples(clip_segments), clip_segments * SEGMENT_STRIDE
-    start = 0
-    while start + full <= n:
-        result["clips"].append((start / SAMPLE_RATE, wav[:, start:start + full]))
-        start += hop
+    clips, buf, buf_start, start, n, kept = [], torch.zeros(2, 0), 0, 0, 0, 0
+
+    def add(clip):
+        nonlocal kept
+        if clip.pow(2).mean().sqrt() < SILENCE_RMS:
+            summary["silent_clips"] += 1
+            return
+        peak = float(clip.abs().max())
+        if peak > 1.0:
+            clip = clip / peak
+            summary["loud_clips"] += 1
+            summary["peak"] = max(summary["peak"], peak)
+        clips.append((start / SAMPLE_RATE, clip.numpy()))
+        kept += 1
+
+    try:
+        for block in common.stream_48k(path):
+            if not torch.isfinite(block).all():
+                yield dict(summary, reason="unreadable", detail="contains NaN or infinite samples")
+                return
+            buf, n = torch.cat([buf, block], 1), n + block.shape[1]
+            while start + full <= n:
+                add(buf[:, start - buf_start:start - buf_start + full].clone())
+                start += hop
+                buf, buf_start = buf[:, start - buf_start:], start
+                if len(clips) >= PIECE_CLIPS:
+                    yield dict(rel=rel, last=False, clips=clips)
+                    clips = []
+    except Exception as e:
+        yield dict(summary, reason="unreadable", detail=str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__)
+        return
+    if n == 0:
+        yield dict(summary, reason="empty file", detail="no samples")
+        return
     remainder = n - start
     if remainder >= max(min_secs * SAMPLE_RATE, SAMPLE_RATE):
-        segments = common.whole_segments(remainder)
-        result["clips"].append((start / SAMPLE_RATE, wav[:, start:start + common.clip_samples(segments)]))
+        add(buf[:, start - buf_start:start - buf_start + common.clip_samples(common.whole_segments(remainder))].clone())
     elif remainder > SAMPLE_RATE - SEGMENT_STRIDE:  # beyond the overlap the last clip already covers
-        result["dropped_seconds"] = remainder / SAMPLE_RATE
-    loud = [c for c in result["clips"] if c[1].pow(2).mean().sqrt() >= SILENCE_RMS]
-    result["silent_clips"] = len(result["clips"]) - len(loud)
-    result["clips"] = [(s, c.numpy()) for s, c in loud]
-    if not loud:
-        if result["silent_clips"]:
-            return dict(result, reason="silent")
-        return dict(result, reason="too short", detail=f"{n / SAMPLE_RATE:.1f} s < min_seconds={min_secs}")
-    return result
+        summary["dropped_seconds"] = remainder / SAMPLE_RATE
+    summary.update(clips=clips, seconds=n / SAMPLE_RATE)
+    if kept == 0:
+        if summary["silent_clips"]:
+            summary["reason"] = "silent"
+        else:
+            summary.update(reason="too short", detail=f"{n / SAMPLE_RATE:.1f} s < min_seconds={min_secs}")
+    yield summary
+
+
+def _reader(jobs, out):
+    torch.set_num_threads(1)
+    for job in jobs:
+        for piece in file_pieces(*job):
+            out.put(piece)
+
+
+def read_in_order(jobs, num_workers):
+    """The pieces of every job's file, in job order whatever the number of workers. Worker w reads jobs
+    w, w + W, ... into its own small queue, so memory stays bounded by a few pieces per worker."""
+    if num_workers == 0:
+        for job in jobs:
+            yield from file_pieces(*job)
+        return
+    ctx = mp.get_context("spawn")
+    queues = [ctx.Queue(maxsize=2) for _ in range(num_workers)]
+    procs = [ctx.Process(target=_reader, args=(jobs[w::num_workers], queues[w]), daemon=True) for w in range(num_workers)]
+    for p in procs:
+        p.start()
+    try:
+        for i, job in enumerate(jobs):
+            w = i % num_workers
+            while True:
+                try:
+                    piece = queues[w].get(timeout=1.0)
+                except queue.Empty:
+                    if procs[w].exitcode is not None:
+                        raise UserError(f"the process reading {job[1]} died (exit code {procs[w].exitcode}: a crash in the "
+                                        "audio decoder). Move that file out of --input and rerun; finished shards are kept") from None
+                    continue
+                yield piece
+                if piece["last"]:
+                    break
+    finally:
+        for p in procs:
+            p.terminate()
 
 
 # -----------------------------------------------------------------------------
 # writing shards
 
+def shard_path(out_dir, rank, index):
+    return os.path.join(out_dir, f"shard-r{rank:03d}-{index:05d}.h5")
+
+
 class ShardWriter:
-    """Collects encoded clips and writes them as shard-r{rank}-{index}.h5, via a temporary file and a
-    rename, so a shard on disk is always complete. Shards end at file boundaries."""
+    """Collects encoded clips and writes them as shard-r{rank}-{index}.h5. A shard is built in memory,
+    written to a temporary file and then given the first free index: a name is claimed atomically, so
+    concurrent runs into one folder never overwrite each other's shards, and a shard on disk is always
+    complete. Shards end at file boundaries."""
 
     def __init__(self, out_dir, rank, clip_steps, clip_segments, attrs):
         self.out_dir, self.rank, self.attrs = out_dir, rank, attrs
         self.clip_steps, self.clip_segments = clip_steps, clip_segments
         self.rows = []
-        self.index = len(glob.glob(os.path.join(out_dir, f"shard-r{rank:03d}-*.h5")))
+        self.index = len(glob.glob(os.path.join(glob.escape(out_dir), f"shard-r{rank:03d}-*.h5")))
 
-    def add(self, codes, scales, text, source):
-        self.rows.append((codes, scales, text, source))
+    def add(self, codes, scales, text, source, identity=(0, 0)):
+        """identity: (size in bytes, modification time in ns) of the source file."""
+        self.rows.append((codes, scales, text, source, identity))
 
     def __len__(self):
         return len(self.rows)
 
     def flush(self):
         if not self.rows:
-            return
+            return None
         n, n_q = len(self.rows), self.rows[0][0].shape[0]
         codes = np.zeros((n, n_q, self.clip_steps), np.int16)
         scales = np.zeros((n, self.clip_segments), np.float32)
         lengths = np.zeros(n, np.int32)
-        for i, (c, s, _, _) in enumerate(self.rows):
+        for i, (c, s, *_) in enumerate(self.rows):
             codes[i, :, :c.shape[1]], scales[i, :len(s)], lengths[i] = c, s, c.shape[1]
-        path = os.path.join(self.out_dir, f"shard-r{self.rank:03d}-{self.index:05d}.h5")
         strings = h5py.string_dtype("utf-8")
-        with common.atomic_path(path) as tmp:
-            with h5py.File(tmp, "w") as f:
-                f.create_dataset("codes", data=codes, chunks=(1, n_q, self.clip_steps), compression="gzip", compression_opts=4)
-                f.create_dataset("lengths", data=lengths)
-                f.create_dataset("scales", data=scales)
-                f.create_dataset("text", data=[r[2] for r in self.rows], dtype=strings)
-                f.create_dataset("source", data=[r[3] for r in self.rows], dtype=strings)
-                f.attrs.update(self.attrs)
-        self.rows, self.index = [], self.index + 1
+        buffer = io.BytesIO()     # built in memory: a full disk then fails in Python, with a clear message
+        with h5py.File(buffer, "w") as f:
+            f.create_dataset("codes", data=codes, chunks=(1, n_q, self.clip_steps), compression="gzip", compression_opts=4)
+            f.create_dataset("lengths", data=lengths)
+            f.create_dataset("scales", data=scales)
+            f.create_dataset("text", data=[r[2] for r in self.rows], dtype=strings)
+            f.create_dataset("source", data=[r[3] for r in self.rows], dtype=strings)
+            f.create_dataset("file_size", data=np.array([r[4][0] for r in self.rows], np.int64))
+            f.create_dataset("file_mtime_ns", data=np.array([r[4][1] for r in self.rows], np.int64))
+            f.attrs.update(self.attrs)
+        tmp = f"{shard_path(self.out_dir, self.rank, self.index)}.tmp{os.getpid()}"
+        intact = "the shards finished before it are intact: free some space and rerun the same command to resume"
+        try:
+            with common.disk_errors(tmp, intact):
+                with open(tmp, "wb") as f:
+                    f.write(buffer.getbuffer())
+                    f.flush()
+                    os.fsync(f.fileno())
+                path = common.publish_new(tmp, (shard_path(self.out_dir, self.rank, i) for i in itertools.count(self.index)))
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        self.index = int(path[-8:-3]) + 1
+        self.rows = []
+        return path
 
 
 def finished_shards(out_dir):
-    return sorted(glob.glob(os.path.join(out_dir, "shard-*.h5")))
+    return sorted(glob.glob(os.path.join(glob.escape(out_dir), "shard-*.h5")))
+
+
+def file_identity(path):
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
 
 
 def encoded_files(shards, attrs):
-    """Relative paths of the files already in finished shards; refuses shards made with other settings."""
-    done = set()
+    """{relative path: set of (size, mtime_ns)} of the files in finished shards ((None, None) for shards of
+    format 1, which stored names only); refuses shards made with other settings."""
+    done = {}
     for path in shards:
         try:
             with h5py.File(path, "r") as f:
@@ -195,89 +315,141 @@ def encoded_files(shards, attrs):
                     if f.attrs[key] != attrs[key]:
                         raise UserError(f"{path} was made with {key}={f.attrs[key]}, not {attrs[key]}: "
                                         "use another --output folder or the same settings")
-                done.update(s.decode().rsplit("@", 1)[0] for s in f["source"][:])
+                sources = [s.decode().rsplit("@", 1)[0] for s in f["source"][:]]
+                if "file_size" in f:
+                    identities = zip(f["file_size"][:].tolist(), f["file_mtime_ns"][:].tolist())
+                else:
+                    identities = itertools.repeat((None, None))
+                for rel, identity in zip(sources, identities):
+                    done.setdefault(rel, set()).add(identity)
         except OSError as e:
-            raise UserError(f"{path} is not a readable shard ({e}); delete it and rerun") from None
+            raise UserError(f"{path} is not a readable shard ({e}); move it out of {os.path.dirname(path)} and rerun") from None
     return done
 
 
 # -----------------------------------------------------------------------------
 
-def encode_group(codec, dev, group, batch):
-    """Encode the clips of several files, `batch` clips of equal length per codec call.
-    Returns, per file, a list of (codes int16 (n_q, T), scales float32 (S,)) in clip order."""
-    jobs = [(fi, ci, clip) for fi, r in enumerate(group) for ci, (_, clip) in enumerate(r["clips"])]
-    out = [[None] * len(r["clips"]) for r in group]
-    for length in sorted({j[2].shape[1] for j in jobs}):
-        same = [j for j in jobs if j[2].shape[1] == length]
-        for i in range(0, len(same), batch):
-            chunk = same[i:i + batch]
-            wav = torch.from_numpy(np.stack([j[2] for j in chunk])).to(dev, non_blocking=True)
-            with torch.inference_mode():
-                codes, scales = common.encode_clips(codec, wav)
-            codes, scales = codes.to(torch.int16).cpu().numpy(), scales.float().cpu().numpy()
-            for k, (fi, ci, _) in enumerate(chunk):
-                out[fi][ci] = (codes[k], scales[k])
+def encode_batch(codec, clips, dev):
+    """Encode (2, samples) float32 arrays, those of equal length together, with the encodec package's own
+    model.encode. Returns, in order, (codes int16 (n_q, 150·S), scales float32 (S,))."""
+    out = [None] * len(clips)
+    for length in sorted({c.shape[1] for c in clips}):
+        same = [i for i, c in enumerate(clips) if c.shape[1] == length]
+        wav = torch.from_numpy(np.stack([clips[i] for i in same])).to(dev, non_blocking=True)
+        with torch.inference_mode():
+            codes, scales = common.encode_clips(codec, wav)
+        codes, scales = codes.to(torch.int16).cpu().numpy(), scales.float().cpu().numpy()
+        for k, i in enumerate(same):
+            out[i] = (codes[k], scales[k])
     return out
 
 
-def main(argv):
-    cfg = common.parse_settings(common.settings(globals()), argv)
+def audio_seconds(path):
+    import soundfile as sf
+    try:
+        return sf.info(path).duration
+    except Exception:
+        return 0.0
+
+
+def names(items):
+    items = list(items)
+    return ", ".join(items[:SHOW]) + (f", ... ({len(items) - SHOW} more)" if len(items) > SHOW else "")
+
+
+def validate(cfg):
     if not cfg["input"] or not os.path.isdir(cfg["input"]):
         raise UserError(f"--input={cfg['input']!r} is not a folder: give the folder that holds your audio files")
     if not cfg["output"]:
         raise UserError("--output is missing: give a folder for the .h5 shards, e.g. --output=data/")
-    if cfg["clip_seconds"] < 1 or not 0 <= cfg["min_seconds"] <= cfg["clip_seconds"]:
-        raise UserError("need clip_seconds >= 1 and 0 <= min_seconds <= clip_seconds")
+    if not 1 <= cfg["clip_seconds"] <= 600:
+        raise UserError(f"clip_seconds={cfg['clip_seconds']} must be between 1 and 600")
+    if not 0 <= cfg["min_seconds"] <= cfg["clip_seconds"]:
+        raise UserError(f"min_seconds={cfg['min_seconds']} must be between 0 and clip_seconds={cfg['clip_seconds']}")
     if cfg["bandwidth"] not in (3.0, 6.0, 12.0, 24.0):
         raise UserError(f"bandwidth={cfg['bandwidth']} is not one of Encodec 48 kHz's: 3.0, 6.0, 12.0, 24.0")
+    for name, low, high in (("batch_size", 1, 4096), ("num_workers", 0, 256), ("shard_clips", 1, 10**7), ("codec_seed", 0, 2**31)):
+        if not low <= cfg[name] <= high:
+            raise UserError(f"{name}={cfg[name]} must be between {low} and {high}")
+
+
+def main(argv):
+    cfg = common.parse_settings(common.settings(globals()), argv)
+    validate(cfg)
     rank, local_rank, world = common.distributed_env()
     dev = common.pick_device(cfg["device"])
     if dev == "cuda" and world > 1:
         dev = f"cuda:{local_rank}"
     root, out_dir = os.path.abspath(cfg["input"]), os.path.abspath(cfg["output"])
-    os.makedirs(out_dir, exist_ok=True)
-    for stale in glob.glob(os.path.join(out_dir, f"shard-r{rank:03d}-*.h5.tmp*")):
-        os.remove(stale)  # left by an interrupted run: never a finished shard
+    common.check_writable(out_dir, "output")
+    common.remove_stale_temps(os.path.join(glob.escape(out_dir), f"shard-r{rank:03d}-*.h5"))   # from killed runs
 
     n_q = int(cfg["bandwidth"] * 1000 // (common.FRAME_RATE * 10))
     attrs = dict(format_version=FORMAT_VERSION, sample_rate=SAMPLE_RATE, frame_rate=common.FRAME_RATE, n_q=n_q,
                  bandwidth=float(cfg["bandwidth"]), codec=common.codec_name(cfg["codec"], cfg["codec_seed"]),
                  clip_seconds=int(cfg["clip_seconds"]), segment_steps=SEGMENT_STEPS,
                  segment_stride_samples=SEGMENT_STRIDE)
-    files = sorted(os.path.relpath(p, root) for p in glob.glob(os.path.join(root, "**", "*"), recursive=True)
+    files = sorted(os.path.relpath(p, root) for p in glob.glob(os.path.join(glob.escape(root), "**", "*"), recursive=True)
                    if p.lower().endswith(common.AUDIO_EXTENSIONS) and os.path.isfile(p)
                    and not os.path.abspath(p).startswith(out_dir + os.sep))
     if not files:
         raise UserError(f"no audio files ({', '.join(common.AUDIO_EXTENSIONS)}) found under {root}")
+    labels, orphans = load_labels(root, files)
     done = encoded_files(finished_shards(out_dir), attrs)
-    todo = [f for f in files[rank::world] if f not in done]   # split first: shares never depend on timing
-    if done:
-        print(f"resuming: {len(done)} files already in shards in {out_dir}; {len(todo)} to go on this rank")
+    todo, same, changed = [], [], []
+    for rel in files[rank::world]:          # split first: shares never depend on timing
+        seen = done.get(rel, set())
+        if file_identity(os.path.join(root, rel)) in seen or (None, None) in seen:
+            same.append(rel)
+        else:
+            (changed if seen else todo).append(rel)
+    if same:
+        print(f"resuming: {len(same)} files are already in the shards in {out_dir} (same path, size and modification "
+              f"time) and are skipped")
+    if changed:
+        print(f"{len(changed)} files share a path with an encoded file but differ in size or modification time; they "
+              f"are new audio and get encoded: {names(changed)}")
+    todo = sorted(todo + changed)
     if not todo:
         print("nothing to do: every file is already encoded")
         return 0
-    labels = load_labels(root, todo)
 
     codec_model = common.load_codec(cfg["codec"], cfg["codec_weights"], cfg["codec_seed"], cfg["bandwidth"], dev)
     if cfg["codec"] == "untrained":
         print(f"NOTE: codec=untrained ({attrs['codec']}): random Encodec weights, for tests and demos only. "
               "Tokens are not those of the real codec, and audio decoded from them will not sound like music.")
     writer = ShardWriter(out_dir, rank, cfg["clip_seconds"] * SEGMENT_STEPS, cfg["clip_seconds"], attrs)
-    stats, skipped, unlabeled = Counter(), Counter(), 0
+    stats, skipped, unlabeled, loud = Counter(), Counter(), [], []
     jobs = [(os.path.join(root, rel), rel, cfg["clip_seconds"], cfg["min_seconds"]) for rel in todo]
-    pool = mp.get_context("spawn").Pool(cfg["num_workers"], initializer=_init_worker) if cfg["num_workers"] > 0 else None
-    results = pool.imap(load_clips, jobs) if pool else map(load_clips, jobs)
-    t0, group = time.time(), []
-    bar = tqdm(total=len(jobs), unit="file", dynamic_ncols=True, disable=rank != 0)
+    total = sum(audio_seconds(job[0]) for job in jobs)
+    bar = tqdm(total=total, unit="audio-s", dynamic_ncols=True, disable=rank != 0,
+               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} s of audio encoded [{elapsed}<{remaining}{postfix}]")
+    t0 = time.time()
+    pending = []         # clips read but not yet encoded: [(file entry, index, (2, samples))]
+    files_open = []      # files in order, each {rel, clips: [[start, codes, scales]], summary}
 
-    def finish(group):
-        nonlocal unlabeled
-        for r, encoded in zip(group, encode_group(codec_model, dev, group, cfg["batch_size"])):
-            text = labels[r["rel"]]
-            unlabeled += text is None
-            for (start, _), (codes, scales) in zip(r["clips"], encoded):
-                writer.add(codes, scales, text or "", f"{r['rel']}@{start:.2f}")
+    def encode_pending():
+        if not pending:
+            return
+        encoded = encode_batch(codec_model, [w for _, _, w in pending], dev)
+        for (entry, i, _), (codes, scales) in zip(pending, encoded):
+            entry["clips"][i][1:] = codes, scales
+            entry["encoded"] += 1
+        seconds = sum(w.shape[1] for *_, w in pending) / SAMPLE_RATE
+        pending.clear()
+        bar.update(seconds)
+        stats["encoded_seconds"] += seconds
+        bar.set_postfix_str(f"{stats['encoded_seconds'] / 3600 / max(1e-9, time.time() - t0):.3f} audio-h/s", refresh=False)
+
+    def write_finished():
+        while files_open and files_open[0]["summary"] and files_open[0]["encoded"] == len(files_open[0]["clips"]):
+            entry = files_open.pop(0)
+            r, text = entry["summary"], labels[entry["rel"]]
+            if text is None:
+                unlabeled.append(entry["rel"])
+            identity = file_identity(os.path.join(root, entry["rel"]))
+            for start, codes, scales in entry["clips"]:
+                writer.add(codes, scales, text or "", f"{entry['rel']}@{start:.2f}", identity)
                 stats["clips"] += 1
                 stats["steps"] += codes.shape[1]
             stats["files"] += 1
@@ -285,34 +457,49 @@ def main(argv):
                 writer.flush()
 
     try:
-        for r in results:
-            bar.update(1)
-            stats["dropped_remainders"] += r["dropped_seconds"] > 0
-            stats["silent_clips"] += r["silent_clips"]
-            if r["reason"]:
-                skipped[r["reason"]] += 1
-                tqdm.write(f"skip {r['rel']}: {r['reason']}{' (' + r['detail'] + ')' if r['detail'] else ''}")
-                continue
-            group.append(r)
-            if sum(len(g["clips"]) for g in group) >= cfg["batch_size"]:
-                finish(group)
-                group = []
-            dt = time.time() - t0
-            bar.set_postfix_str(f"{stats['clips'] / dt:.1f} clips/s, {stats['steps'] / common.FRAME_RATE / 3600 / dt:.3f} audio-h/s")
-        finish(group)
+        entry = None
+        for piece in read_in_order(jobs, cfg["num_workers"]):
+            if entry is None:
+                entry = dict(rel=piece["rel"], clips=[], encoded=0, summary=None)
+                files_open.append(entry)
+            for start, wav in piece["clips"]:
+                entry["clips"].append([start, None, None])
+                pending.append((entry, len(entry["clips"]) - 1, wav))
+            if piece["last"]:
+                r = entry["summary"] = piece
+                stats["dropped_remainders"] += r["dropped_seconds"] > 0
+                stats["silent_clips"] += r["silent_clips"]
+                if r["loud_clips"]:
+                    loud.append((entry["rel"], r["loud_clips"], r["peak"]))
+                if r["reason"]:      # the whole file is skipped, clips read before the problem included
+                    skipped[r["reason"]] += 1
+                    pending[:] = [p for p in pending if p[0] is not entry]
+                    files_open.remove(entry)
+                    tqdm.write(f"skip {r['rel']}: {r['reason']}{' (' + r['detail'] + ')' if r['detail'] else ''}")
+                entry = None
+            if len(pending) >= cfg["batch_size"]:
+                encode_pending()
+            write_finished()
+        encode_pending()
+        write_finished()
         writer.flush()
     finally:
         bar.close()
-        if pool:
-            pool.terminate()
 
     hours = stats["steps"] / common.FRAME_RATE / 3600
     print(f"done in {time.time() - t0:.0f} s: {stats['files']} files → {stats['clips']} clips, {hours:.2f} h of audio "
           f"(codec {attrs['codec']}), shards in {out_dir}")
     print(f"skipped files: {sum(skipped.values())}" + "".join(f", {k}: {v}" for k, v in sorted(skipped.items())))
     print(f"dropped: {stats['dropped_remainders']} remainders shorter than min_seconds={cfg['min_seconds']}, "
-          f"{stats['silent_clips']} silent clips; unlabeled files (empty text): {unlabeled}")
-    if stats["clips"] == 0 and not done:
+          f"{stats['silent_clips']} silent clips")
+    if loud:
+        print(f"louder than full scale: {sum(n for _, n, _ in loud)} clips in {len(loud)} files (peak up to "
+              f"{max(p for *_, p in loud):.2f}) were scaled down to peak 1.0, not clipped: {names(r for r, *_ in loud)}")
+    print(f"unlabeled files (empty text): {len(unlabeled)}" + (f": {names(unlabeled)}" if unlabeled else ""))
+    if orphans:
+        print(f"metadata rows that name no audio file (check spelling, folders and letter case): {len(orphans)}: "
+              f"{names(orphans)}")
+    if stats["clips"] == 0 and not same:
         print("error: nothing could be encoded (see the skipped files above)", file=sys.stderr)
         return 1
     return 0

@@ -80,6 +80,15 @@ dtype = "bfloat16"          # autocast dtype on CUDA: bfloat16, float16 or float
 compile = False             # torch.compile the model
 seed = 1337
 # -----------------------------------------------------------------------------
+RANGES = dict(   # what each numeric setting accepts; anything else stops with one line before work starts
+    dim="[2, 16384]", depth="[1, 512]", heads="[1, 256]", dim_head="[2, 1024]", nb_features="[1, 16384]",
+    local_heads="[0, 256]", local_window="[1, 1000000]", max_len="[1, 100000000]", ff_mult="[1, 64]",
+    ff_chunks="[1, 1024]", dropout="[0, 1)", feature_redraw_interval="[0, inf)", seq_len="[2, 100000000]",
+    val_fraction="[0, 1)", cond_dropout="[0, 1]", num_workers="[0, 256]", batch_size="[1, 65536]",
+    grad_accum="[1, 1000000]", lr="(0, inf)", min_lr="[0, inf)", warmup_steps="[0, inf)", max_steps="[1, inf)",
+    lr_decay_steps="[0, inf)", weight_decay="[0, 100]", grad_clip="[0, inf)", max_bad_steps="[1, inf)",
+    log_interval="[1, inf)", eval_interval="[1, inf)", eval_clips="[1, inf)", sample_interval="[0, inf)",
+    sample_seconds="(0, 3600]", seed="[0, 4294967295]")
 MODEL_SETTINGS = [f.name for f in dataclasses.fields(M.ModelConfig) if f.name not in ("n_q", "vocab", "text_dim", "chunk_size", "seed")]
 
 
@@ -190,6 +199,31 @@ def collate(items):
     return torch.stack([codes for codes, _ in items]), [text for _, text in items]
 
 
+def resume_command(argv, parent_cmdline=None):
+    """The command that continues this run: the launcher the user ran (for torchrun, its own command line,
+    read from the parent process), this script, the same settings, and --resume."""
+    import shlex
+    args = [a for a in argv if a.split("=")[0] != "--resume"] + ["--resume"]
+    launcher, script = ["python"], "deploy.py"
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        if parent_cmdline is None:
+            try:
+                with open(f"/proc/{os.getppid()}/cmdline") as f:
+                    parent_cmdline = [a for a in f.read().split("\0") if a]
+            except OSError:
+                parent_cmdline = []
+        at = next((i for i, a in enumerate(parent_cmdline) if os.path.basename(a) == "deploy.py"), None)
+        if at is not None:
+            launcher, script = parent_cmdline[:at], parent_cmdline[at]
+            if len(launcher) > 1 and os.path.basename(launcher[1]) == "torchrun":
+                launcher = ["torchrun"] + launcher[2:]      # python .../bin/torchrun → torchrun
+            elif os.path.basename(launcher[0]).startswith("python"):
+                launcher = ["python"] + launcher[1:]
+        else:
+            launcher = ["torchrun", f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', '?')}"]
+    return shlex.join(launcher + [script] + args)
+
+
 def main(argv):
     given = set()
     cfg = common.parse_settings(common.settings(globals()), argv, given)
@@ -207,7 +241,7 @@ def main(argv):
     shards = Shards(cfg["data"])
     import train
     try:
-        return train.train(cfg, shards, rank, world, dev, cli_overrides=sorted(given))
+        return train.train(cfg, shards, rank, world, dev, cli_overrides=sorted(given), resume_hint=resume_command(argv))
     finally:
         if world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

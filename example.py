@@ -1,7 +1,7 @@
 """
 The built-in example: the whole pipeline, offline, on a small synthetic dataset, in a few minutes on a CPU.
 
-    python example.py                    # writes everything under example_run/ (replacing an earlier run)
+    python example.py                    # writes everything under example_run/ (replacing an earlier example run)
 
 It synthesises labelled clips of chords, arpeggios and drum patterns ("upbeat major arpeggio",
 "calm minor pad", ...), encodes them with compress.py, trains a tiny model with deploy.py, and
@@ -83,16 +83,34 @@ codec = "auto"              # auto: pretrained Encodec if it loads, else the unt
 # -----------------------------------------------------------------------------
 
 
+MARKER = ".made-by-example.py"
+
+
+def start_fresh(out, folders):
+    """Each run starts from nothing, but only ever deletes what an earlier example.py made: the folders it
+    creates, in a folder that carries its marker file."""
+    import shutil
+    import common
+    if os.path.exists(out) and not os.path.exists(os.path.join(out, MARKER)):
+        if not os.path.isdir(out) or os.listdir(out):
+            raise common.UserError(f"--out={out} already exists and was not made by example.py: choose another --out "
+                                   "(example.py only deletes folders it made itself)")
+    common.check_writable(out, "out")
+    with open(os.path.join(out, MARKER), "w") as f:
+        f.write("example.py's scratch folder: the next example.py run into it replaces music/, data/, run/ and samples/\n")
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def main(argv):
     import common
     import compress
     import deploy
     import generate
     c = common.parse_settings(common.settings(globals()), argv)
-    if os.path.exists(c["out"]):
-        import shutil
-        shutil.rmtree(c["out"])   # the example's own scratch folder: each run starts from nothing
-    music, data, run, samples = (os.path.join(c["out"], d) for d in ("music", "data", "run", "samples"))
+    common.check_ranges(c, dict(clips_per_label="[1, 1000]", clip_seconds="[2, 600]", steps="[1, 1000000]", seconds="(0, 600]"))
+    folders = music, data, run, samples = [os.path.join(c["out"], d) for d in ("music", "data", "run", "samples")]
+    start_fresh(c["out"], folders)
     codec = c["codec"]
     if codec == "auto":
         try:

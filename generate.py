@@ -139,7 +139,7 @@ def validate(c):
         raise UserError(f"format={c['format']!r}: use mp3 or wav")
     if c["continue_from"]:
         try:
-            return common.read_audio(c["continue_from"])
+            return common.load_audio(c["continue_from"])
         except Exception as e:
             raise UserError(f"cannot read --continue_from={c['continue_from']!r} ({str(e).splitlines()[0][:120]})") from None
     return None
@@ -173,7 +173,7 @@ def main(argv):
 
     scale, prompt_codes = data_info["typical_scale"], None
     if continuation is not None:
-        wav = common.to_stereo_48k(*continuation)
+        wav = continuation
         segments = common.whole_segments(wav.shape[1])
         if segments == 0 or segments * common.SEGMENT_STEPS >= steps:
             raise UserError(f"--continue_from must hold at least 1 s of audio and be shorter than --seconds={c['seconds']}")

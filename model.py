@@ -566,6 +566,7 @@ def resolve_text_encoder(name):
 
 class TextEncoder:
     """A frozen BERT-family encoder that runs once per distinct text and caches its token states."""
+    MAX_TOKENS = 64
 
     def __init__(self, name=DEFAULT_TEXT_ENCODER, device="cpu"):
         from transformers import AutoModel, AutoTokenizer
@@ -584,19 +585,24 @@ class TextEncoder:
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.name, self.device, self.dim = name, device, self.model.config.hidden_size
-        self.cache = {}
+        self.cache, self.warned = {}, False
 
     @torch.no_grad()
     def encode_all(self, texts):
         """Fill the cache for every text not in it, in sorted batches: the result for a text does not
-        depend on what else is asked for, or when."""
+        depend on what else is asked for, or when. Texts longer than MAX_TOKENS are cut (said once)."""
         new = sorted({t for t in texts if t not in self.cache})
         for i in range(0, len(new), 64):
             batch = new[i:i + 64]
-            enc = self.tokenizer(batch, padding=True, truncation=True, max_length=64, return_tensors="pt").to(self.device)
+            enc = self.tokenizer(batch, padding=True, truncation=True, max_length=self.MAX_TOKENS, return_tensors="pt").to(self.device)
             states = self.model(**enc).last_hidden_state.float().cpu()
             for j, text in enumerate(batch):
                 self.cache[text] = states[j, :int(enc["attention_mask"][j].sum())].clone()
+        long = [t for t in new if self.cache[t].shape[0] == self.MAX_TOKENS and len(self.tokenizer(t)["input_ids"]) > self.MAX_TOKENS]
+        if long and not self.warned:
+            self.warned = True
+            print(f"NOTE: {len(long)} text(s) are longer than the text encoder's limit of {self.MAX_TOKENS} tokens and are "
+                  f"cut to it, e.g. {long[0][:60]!r}...")
 
     def __call__(self, texts, device=None):
         """texts (list of str) → states (B, L, dim) float32 and mask (B, L) bool, on `device`."""

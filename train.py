@@ -4,6 +4,7 @@ DDP, bf16 autocast on CUDA, validation, checkpoints that resume exactly, logs, l
 samples as training goes.
 """
 import contextlib
+import glob
 import json
 import math
 import os
@@ -56,7 +57,7 @@ def save_checkpoint(path, raw_model, optimizer, step, best_val, config, data_inf
         model_config=asdict(raw_model.cfg), model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
         rng=rng_states,
         data_position=dict(next_step=step, samples_per_step=config["batch_size"] * config["grad_accum"] * config["world_size"]))
-    with common.atomic_path(path) as tmp:
+    with common.disk_errors(path, f"the previous checkpoint {os.path.basename(path)} is intact"), common.atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
@@ -65,10 +66,11 @@ def load_checkpoint(path, device="cpu"):
         raise UserError(f"no checkpoint at {path}: check the path (train one with deploy.py)")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    except Exception:
+        ckpt = None   # torch's own message suggests unsafe loading: never repeat that advice
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "model_config" not in ckpt:
-        raise UserError(f"{path} is not a checkpoint written by deploy.py")
+        raise UserError(f"{path} is not a checkpoint written by this project's deploy.py (it is not a file of plain "
+                        "tensors in its format): check the path")
     return ckpt
 
 
@@ -82,8 +84,8 @@ class Monitor:
         self.path = os.path.join(out_dir, "metrics.jsonl")
         self.records = []
         if resume_step is not None and os.path.exists(self.path):
-            with open(self.path) as f:   # drop what a crashed run logged after its last checkpoint
-                self.records = [r for r in map(json.loads, f) if r["step"] <= resume_step]
+            with open(self.path, errors="replace") as f:   # drop what a crashed run logged after its last checkpoint
+                self.records = [r for r in map(_json_or_none, f) if r and r.get("step", resume_step + 1) <= resume_step]
             with common.atomic_path(self.path) as tmp, open(tmp, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in self.records)
         elif os.path.exists(self.path):
@@ -130,6 +132,15 @@ class Monitor:
         plt.close(fig)
 
 
+def _json_or_none(line):
+    """A metrics line, or None for one that a crash cut off: a side file never blocks a resume."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
 @torch.no_grad()
 def evaluate(raw_model, shards, val_ids, c, text_encoder, device, autocast):
     """Mean validation loss over the first eval_clips held-out clips, each from its start."""
@@ -166,7 +177,7 @@ def write_samples(raw_model, text_encoder, c, data_info, step, out_dir, device):
 
 # -----------------------------------------------------------------------------
 
-def train(config, shards, rank, world, device, cli_overrides=()):
+def train(config, shards, rank, world, device, cli_overrides=(), resume_hint=""):
     master = rank == 0
     out_dir = config["out"]
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
@@ -183,10 +194,12 @@ def train(config, shards, rank, world, device, cli_overrides=()):
         config = {**ckpt["config"], **{k: config[k] for k in cli_overrides}, "resume": True}
     config["world_size"] = world
     c = SimpleNamespace(**config)
+    common.check_ranges(config, deploy.RANGES)
     if c.seq_len > c.max_len:
         raise UserError(f"seq_len={c.seq_len} is longer than the model's max_len={c.max_len}: lower --seq_len or raise --max_len")
-    if c.batch_size < 1 or c.grad_accum < 1 or c.max_steps < 1:
-        raise UserError("batch_size, grad_accum and max_steps must be at least 1")
+    if master:
+        common.check_writable(out_dir, "out")
+        common.remove_stale_temps(glob.escape(ckpt_path))    # left by checkpoint writes that were killed
 
     torch.manual_seed(c.seed + rank)
     cuda = device.startswith("cuda")
@@ -202,7 +215,11 @@ def train(config, shards, rank, world, device, cli_overrides=()):
         model_cfg.validate()
     except ValueError as e:
         raise UserError(str(e)) from None
-    raw_model = M.MusicTransformer(model_cfg).to(device)
+    try:
+        raw_model = M.MusicTransformer(model_cfg).to(device)
+    except (RuntimeError, MemoryError) as e:
+        raise UserError(f"cannot build a model of dim={c.dim}, depth={c.depth} on {device} ({str(e).splitlines()[0][:120]}): "
+                        "choose a smaller model") from None
     decay = [p for p in raw_model.parameters() if p.dim() >= 2]
     no_decay = [p for p in raw_model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([dict(params=decay, weight_decay=c.weight_decay), dict(params=no_decay, weight_decay=0.0)],
@@ -296,6 +313,8 @@ def train(config, shards, rank, world, device, cli_overrides=()):
             if interrupted:   # drop the partial accumulation: this step is redone on resume
                 optimizer.zero_grad(set_to_none=True)
                 checkpoint("stopped by signal")
+                if master:
+                    print(f"stopped at step {step}; continue with: {resume_hint}")
                 return raw_model
             grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), c.grad_clip if c.grad_clip > 0 else float("inf"))
             if not (torch.isfinite(grad_norm) and torch.isfinite(losses).all()):
@@ -347,7 +366,7 @@ def train(config, shards, rank, world, device, cli_overrides=()):
             if signalled.item():
                 checkpoint("stopped by signal")
                 if master:
-                    print(f"stopped at step {step}; continue with: python deploy.py --data={c.data} --out={out_dir} --resume")
+                    print(f"stopped at step {step}; continue with: {resume_hint}")
                 return raw_model
         if master:
             print(f"done: {step} steps, best validation loss {best_val:.4f}; checkpoint {ckpt_path}")

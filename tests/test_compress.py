@@ -42,7 +42,7 @@ def test_tokens_equal_encodec_and_round_trip(music_dir, tmp_path):
         codes, scales = f["codes"][1], f["scales"][1]          # second clip of clip0.wav, starting at 1.98 s
     assert f"clip0.wav@{2 * common.SEGMENT_STRIDE / 48000:.2f}" in read_shards(out)
     codec = common.load_codec("untrained", "", 0, 6.0, "cpu")
-    audio = common.to_stereo_48k(*common.read_audio(str(music_dir / "clip0.wav")))
+    audio = common.load_audio(str(music_dir / "clip0.wav"))
     start = 2 * common.SEGMENT_STRIDE
     x = audio[:, start:start + common.clip_samples(2)][None]
     frames = codec.encode(x)[:2]                                  # the package's own encoder

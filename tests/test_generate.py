@@ -103,7 +103,7 @@ def test_continue_from_audio_file(ckpt, tmp_path):
     gen(ckpt, tmp_path / "o", "--prompt=calm minor pad", "--seconds=2.5", f"--continue_from={tmp_path / 'intro.wav'}")
     codes = np.array(json.loads((tmp_path / "o" / "calm_minor_pad.mp3.json").read_text())["codes"])
     codec = common.load_codec("untrained", "", 0, 6.0, "cpu")
-    wav = common.to_stereo_48k(*common.read_audio(str(tmp_path / "intro.wav")))[None, :, :48_000]
+    wav = common.load_audio(str(tmp_path / "intro.wav"))[None, :, :48_000]
     intro, _ = common.encode_clips(codec, wav)
     assert codes.shape == (4, 375) and np.array_equal(codes[:, :150], intro[0].numpy())
 
@@ -126,7 +126,7 @@ def test_bad_inputs_fail_before_any_model_work(ckpt, tmp_path):
     for args, message in cases:
         with pytest.raises(SystemExit, match=message):
             gen(ckpt, tmp_path / "o", *args)
-    with pytest.raises(SystemExit, match="is not a readable checkpoint"):
+    with pytest.raises(SystemExit, match="is not a checkpoint written by this project.s deploy.py"):
         generate.main(["--ckpt", str(tmp_path / "junk.pt"), "--prompt=x"])
     with pytest.raises(SystemExit, match="no checkpoint at"):
         generate.main(["--ckpt", str(tmp_path / "missing.pt"), "--prompt=x"])
