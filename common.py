@@ -198,16 +198,22 @@ def check_writable(folder, flag):
                         + (" on a disk with free space" if e.errno == errno.ENOSPC else "")) from None
 
 
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
+
+
 @contextmanager
 def disk_errors(path, intact):
     """Turn a failed write of `path` (disk full, read-only, no permission) into one line that says what is
-    still intact, instead of a traceback."""
+    still intact, instead of a traceback. Writers that wrap the OSError (torch.save) are seen through."""
     try:
         yield
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO):
+    except (OSError, RuntimeError) as e:
+        cause = e
+        while cause is not None and not (isinstance(cause, OSError) and cause.errno in _DISK_ERRNOS):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
             raise
-        what = "no space left on the device" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror.lower()
+        what = "no space left on the device" if cause.errno in (errno.ENOSPC, errno.EDQUOT) else cause.strerror.lower()
         raise UserError(f"{what} while writing {path}; {intact}") from None
 
 

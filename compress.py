@@ -421,9 +421,10 @@ def main(argv):
     writer = ShardWriter(out_dir, rank, cfg["clip_seconds"] * SEGMENT_STEPS, cfg["clip_seconds"], attrs)
     stats, skipped, unlabeled, loud = Counter(), Counter(), [], []
     jobs = [(os.path.join(root, rel), rel, cfg["clip_seconds"], cfg["min_seconds"]) for rel in todo]
-    total = sum(audio_seconds(job[0]) for job in jobs)
+    durations = [audio_seconds(job[0]) for job in jobs]
+    total = sum(durations)
     bar = tqdm(total=total, unit="audio-s", dynamic_ncols=True, disable=rank != 0,
-               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} s of audio encoded [{elapsed}<{remaining}{postfix}]")
+               bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s of audio encoded [{elapsed}<{remaining}{postfix}]")
     t0 = time.time()
     pending = []         # clips read but not yet encoded: [(file entry, index, (2, samples))]
     files_open = []      # files in order, each {rel, clips: [[start, codes, scales]], summary}
@@ -432,19 +433,24 @@ def main(argv):
         if not pending:
             return
         encoded = encode_batch(codec_model, [w for _, _, w in pending], dev)
-        for (entry, i, _), (codes, scales) in zip(pending, encoded):
+        for (entry, i, wav), (codes, scales) in zip(pending, encoded):
             entry["clips"][i][1:] = codes, scales
             entry["encoded"] += 1
-        seconds = sum(w.shape[1] for *_, w in pending) / SAMPLE_RATE
+            advance(entry, wav.shape[1] / SAMPLE_RATE)
+        stats["encoded_seconds"] += sum(w.shape[1] for *_, w in pending) / SAMPLE_RATE
         pending.clear()
-        bar.update(seconds)
-        stats["encoded_seconds"] += seconds
         bar.set_postfix_str(f"{stats['encoded_seconds'] / 3600 / max(1e-9, time.time() - t0):.3f} audio-h/s", refresh=False)
+
+    def advance(entry, seconds):   # the bar counts each file's audio once: encoded clips, then the rest when it is done
+        seconds = min(seconds, entry["seconds"] - entry["advanced"])
+        entry["advanced"] += seconds
+        bar.update(seconds)
 
     def write_finished():
         while files_open and files_open[0]["summary"] and files_open[0]["encoded"] == len(files_open[0]["clips"]):
             entry = files_open.pop(0)
-            r, text = entry["summary"], labels[entry["rel"]]
+            advance(entry, entry["seconds"])
+            text = labels[entry["rel"]]
             if text is None:
                 unlabeled.append(entry["rel"])
             identity = file_identity(os.path.join(root, entry["rel"]))
@@ -457,10 +463,10 @@ def main(argv):
                 writer.flush()
 
     try:
-        entry = None
+        entry, durations = None, iter(durations)
         for piece in read_in_order(jobs, cfg["num_workers"]):
             if entry is None:
-                entry = dict(rel=piece["rel"], clips=[], encoded=0, summary=None)
+                entry = dict(rel=piece["rel"], clips=[], encoded=0, summary=None, seconds=next(durations), advanced=0.0)
                 files_open.append(entry)
             for start, wav in piece["clips"]:
                 entry["clips"].append([start, None, None])
@@ -475,6 +481,7 @@ def main(argv):
                     skipped[r["reason"]] += 1
                     pending[:] = [p for p in pending if p[0] is not entry]
                     files_open.remove(entry)
+                    advance(entry, entry["seconds"])
                     tqdm.write(f"skip {r['rel']}: {r['reason']}{' (' + r['detail'] + ')' if r['detail'] else ''}")
                 entry = None
             if len(pending) >= cfg["batch_size"]:

@@ -38,6 +38,7 @@ bitrate = "192k"             # MP3 bitrate
 gain_db = 0.0                # loudness change applied after decoding
 spectrogram = False          # also write a spectrogram .png beside each file
 continue_from = ""           # an audio file to continue (MusicGen-style continuation)
+overwrite = False            # replace earlier pieces of the same name (otherwise a number is added: name_1.mp3)
 codec_weights = ""           # local Encodec weights (pretrained codec without internet)
 device = "auto"              # auto (cuda when available), cpu, cuda
 # -----------------------------------------------------------------------------
@@ -123,18 +124,10 @@ def validate(c):
     """Every input check that needs no model, so mistakes fail in a second."""
     if not c["prompt"]:
         raise UserError('no prompt: give at least one, e.g. --prompt="chill lofi, relaxed"')
-    if not c["seconds"] > 0:
-        raise UserError(f"seconds={c['seconds']} must be > 0")
-    if not 1 <= c["top_k"] <= 1024:
-        raise UserError(f"top_k={c['top_k']} must be between 1 and 1024")
-    if not 0 < c["top_p"] <= 1:
-        raise UserError(f"top_p={c['top_p']} must be in (0, 1] (1.0 turns it off)")
-    if not c["temperature"] > 0:
-        raise UserError(f"temperature={c['temperature']} must be > 0")
-    if c["cfg"] < 1:
-        raise UserError(f"cfg={c['cfg']} must be >= 1 (1.0 turns guidance off)")
-    if c["num_samples"] < 1:
-        raise UserError("num_samples must be at least 1")
+    common.check_ranges(c, dict(seconds="(0, 36000]", num_samples="[1, 1000]", top_k="[1, 1024]", top_p="(0, 1]",
+                                temperature="[0.01, 100]", cfg="[1, 100]", gain_db="[-60, 60]", seed="[0, 9.2e18]"))
+    if round(c["seconds"] * common.FRAME_RATE) < 1:
+        raise UserError(f"seconds={c['seconds']} is shorter than one codec step (1/{common.FRAME_RATE} s): ask for more")
     if c["format"] not in ("mp3", "wav"):
         raise UserError(f"format={c['format']!r}: use mp3 or wav")
     if c["continue_from"]:
@@ -148,6 +141,7 @@ def validate(c):
 def main(argv):
     c = common.parse_settings(common.settings(globals()), argv)
     continuation = validate(c)
+    common.check_writable(c["out"], "out")
     dev = common.pick_device(c["device"])
     import train
     ckpt = train.load_checkpoint(c["ckpt"], "cpu")
@@ -187,15 +181,17 @@ def main(argv):
                          c["temperature"], c["cfg"], prompt_codes)
     t_tokens = time.time() - t0
     audio = codes_to_audio(codec, codes, scale, c["gain_db"])
-    os.makedirs(c["out"], exist_ok=True)
-    written = []
+    with common.disk_errors(c["out"], "files finished before it are intact"):
+        write_outputs(c, prompts, audio, codes, steps, scale, ckpt, data_info)
+    print(f"{len(prompts)} × {c['seconds']} s: tokens in {t_tokens:.1f} s ({steps / t_tokens:.0f} steps/s), "
+          f"total {time.time() - t0:.1f} s")
+    return 0
+
+
+def write_outputs(c, prompts, audio, codes, steps, scale, ckpt, data_info):
     for i, (p, wav) in enumerate(zip(prompts, audio)):
         name = slug(p) + (f"_{i % c['num_samples']}" if c["num_samples"] > 1 else "")
-        if name in written:
-            name += f"_{i}"
-        written.append(name)
-        path = os.path.join(c["out"], f"{name}.{c['format']}")
-        common.write_audio(path, wav, c["format"], c["bitrate"])
+        path = common.write_audio(os.path.join(c["out"], f"{name}.{c['format']}"), wav, c["format"], c["bitrate"], c["overwrite"])
         meta = dict(prompt=p, seed=c["seed"], batch_index=i, batch_prompts=prompts, seconds=c["seconds"],
                     steps=steps, top_k=c["top_k"], top_p=c["top_p"], temperature=c["temperature"], cfg=c["cfg"],
                     gain_db=c["gain_db"], scale=scale, continue_from=c["continue_from"], format=c["format"],
@@ -205,9 +201,6 @@ def main(argv):
         if c["spectrogram"]:
             common.write_spectrogram(path + ".png", wav)
         print(f"wrote {path}")
-    print(f"{len(prompts)} × {c['seconds']} s: tokens in {t_tokens:.1f} s ({steps / t_tokens:.0f} steps/s), "
-          f"total {time.time() - t0:.1f} s")
-    return 0
 
 
 if __name__ == "__main__":

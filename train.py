@@ -57,8 +57,9 @@ def save_checkpoint(path, raw_model, optimizer, step, best_val, config, data_inf
         model_config=asdict(raw_model.cfg), model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
         rng=rng_states,
         data_position=dict(next_step=step, samples_per_step=config["batch_size"] * config["grad_accum"] * config["world_size"]))
-    with common.disk_errors(path, f"the previous checkpoint {os.path.basename(path)} is intact"), common.atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    with common.disk_errors(path, f"the previous checkpoint {os.path.basename(path)} is intact"), \
+            common.atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)   # to a Python file, so a full disk surfaces as an OSError
 
 
 def load_checkpoint(path, device="cpu"):

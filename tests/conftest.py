@@ -49,3 +49,43 @@ def write_shards(folder, clips=8, steps=300, codec="untrained:seed=0", rank=0, s
 TINY_TRAIN = ["--dim=32", "--depth=1", "--heads=2", "--dim_head=16", "--nb_features=16", "--local_window=16",
               "--seq_len=64", "--max_len=600", "--batch_size=4", "--grad_accum=1", "--num_workers=0",
               "--warmup_steps=2", "--lr=3e-3", "--sample_interval=0", "--log_interval=1", "--device=cpu"]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """small_disk(kib, readonly=False) → a folder on a fresh tmpfs of that size (needs root to mount;
+    skipped with the reason where it cannot be made). Unmounted at the end."""
+    import subprocess
+    mounts = []
+
+    def make(kib, readonly=False):
+        folder = tmp_path / f"fs{len(mounts)}"
+        folder.mkdir()
+        options = f"size={kib}k" + (",ro" if readonly else "")
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a small test filesystem here (needs root): {result.stderr.strip()[:100]}")
+        mounts.append(folder)
+        return folder
+    yield make
+    for folder in mounts:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def fill_disk(folder, leave_kib):
+    """Fill the filesystem of `folder` until about `leave_kib` KiB are free."""
+    import shutil
+    free = shutil.disk_usage(folder).free
+    with open(os.path.join(folder, "filler"), "wb") as f:
+        f.write(b"\0" * max(0, free - leave_kib * 1024))
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """A tiny model trained for 6 steps on synthetic shards (cond_dropout 0.3, so guidance works)."""
+    import deploy
+    tmp = tmp_path_factory.mktemp("tiny_ckpt")
+    data = write_shards(tmp / "data", steps=450)
+    deploy.main(["--data", str(data), "--out", str(tmp / "run"), *TINY_TRAIN, "--max_steps=6", "--eval_interval=6",
+                 "--cond_dropout=0.3"])
+    return tmp / "run" / "ckpt.pt"

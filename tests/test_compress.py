@@ -195,3 +195,119 @@ def test_resume_after_kill_9(tmp_path):
     killed, clean = read_shards(tmp_path / "killed"), read_shards(tmp_path / "clean")
     assert killed.keys() == clean.keys() and len(clean) == 8
     assert sum(len(read_shards_file(p)) for p in compress.finished_shards(str(tmp_path / "killed"))) == 8
+
+
+# -----------------------------------------------------------------------------
+# nothing lost, nothing read wrongly
+
+def test_two_runs_into_one_output_at_once_lose_nothing(tmp_path):
+    """Two compress.py processes (two folders, one --output) started together: every clip of both is kept."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    procs = []
+    for name in ("a", "b"):
+        folder = tmp_path / name
+        folder.mkdir()
+        for i in range(4):
+            sf.write(folder / f"{name}{i}.wav", example.synth_clip(seconds=2.5, seed=i + (10 if name == "b" else 0)), 48_000)
+        procs.append(subprocess.Popen([sys.executable, "compress.py", "--input", str(folder), "--output", str(tmp_path / "out"),
+                                       *FAST, "--shard_clips=1"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      env=dict(os.environ, OMP_NUM_THREADS="1")))
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stdout.read().decode()[-2000:]
+    sources = {k.split("@")[0] for k in read_shards(tmp_path / "out")}
+    assert sources == {f"{n}{i}.wav" for n in "ab" for i in range(4)}
+    assert len(compress.finished_shards(str(tmp_path / "out"))) == 8
+
+
+def test_resume_knows_a_file_by_size_and_time_not_only_its_name(tmp_path, capsys):
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder, seed in ((first, 0), (second, 7)):
+        folder.mkdir()
+        sf.write(folder / "take.wav", example.synth_clip(seconds=2.5, seed=seed), 48_000)
+    assert run(first, tmp_path / "out") == 0
+    assert run(first, tmp_path / "out") == 0
+    assert "1 files are already in the shards" in capsys.readouterr().out
+    assert run(second, tmp_path / "out") == 0         # same relative name, different audio: encoded too
+    out = capsys.readouterr().out
+    assert "1 files share a path with an encoded file but differ in size or modification time" in out and "take.wav" in out
+    with h5py.File(compress.finished_shards(str(tmp_path / "out"))[-1]) as f:
+        assert f["file_size"][0] == os.path.getsize(second / "take.wav")
+    assert len(read_shards_file_all(tmp_path / "out")) == 2
+
+
+def read_shards_file_all(out):
+    return [s for p in compress.finished_shards(str(out)) for s in read_shards_file(p)]
+
+
+def test_metadata_as_spreadsheets_and_scripts_write_it(tmp_path, capsys):
+    clip = example.synth_clip(seconds=2.5)
+    d = tmp_path / "m"
+    (d / "sub").mkdir(parents=True)
+    for f in ("a.wav", "b.wav", "sub/C.wav", "sub/d.wav", "e.wav"):
+        sf.write(d / f, clip, 48_000)
+    # Excel's "CSV UTF-8": a byte-order mark; Windows separators; a case mismatch; a row for a missing file
+    (d / "metadata.csv").write_bytes("\ufefffile,text\na.wav,calm piano\nsub\\C.wav,dark ambient\nSUB/D.WAV,lofi\n"
+                                     "missing.wav,lost\nb.wav,\n".encode("utf-8"))
+    assert run(d, tmp_path / "o1") == 0
+    out = capsys.readouterr().out
+    texts = {k.split("@")[0]: v[3] for k, v in read_shards(tmp_path / "o1").items()}
+    assert texts == {"a.wav": "calm piano", "sub/C.wav": "dark ambient", "sub/d.wav": "lofi", "b.wav": "", "e.wav": ""}
+    assert "metadata rows that name no audio file (check spelling, folders and letter case): 1: missing.wav" in out
+    assert "unlabeled files (empty text): 1: e.wav" in out      # b.wav has a row with an empty text: labelled empty
+    (d / "metadata.csv").unlink()
+    (d / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"file": "a.wav", "text": None}, {"file": "b.wav", "text": ["jazz", " calm ", None, ""]},
+        {"file": "sub/C.wav", "text": 42}]) + "\n")
+    assert run(d, tmp_path / "o2") == 0
+    texts = {k.split("@")[0]: v[3] for k, v in read_shards(tmp_path / "o2").items()}
+    assert texts["a.wav"] == "" and texts["b.wav"] == "jazz, calm" and texts["sub/C.wav"] == "42"
+
+
+def test_audio_louder_than_full_scale_is_scaled_not_clipped(tmp_path, capsys):
+    d = tmp_path / "loud"
+    d.mkdir()
+    clip = example.synth_clip(seconds=2.5) * 3.0                 # float WAV with peaks at 2.4
+    sf.write(d / "hot.wav", clip, 48_000, subtype="FLOAT")
+    sf.write(d / "fine.wav", clip / 3, 48_000, subtype="FLOAT")
+    assert run(d, tmp_path / "o") == 0
+    out = capsys.readouterr().out
+    assert "louder than full scale: 1 clips in 1 files (peak up to 2.40) were scaled down to peak 1.0, not clipped: hot.wav" in out
+    rows = {k.split("@")[0]: v for k, v in read_shards(tmp_path / "o").items()}
+    assert np.array_equal(rows["hot.wav"][0], rows["fine.wav"][0])     # the same music, a lower level
+    assert np.allclose(rows["hot.wav"][2], rows["fine.wav"][2] * 3 / 2.4, rtol=1e-3)   # scaled by 1 / peak
+
+
+def test_long_files_are_read_in_pieces_identical_to_reading_them_whole(tmp_path):
+    """A 44.1 kHz file and an MP3 are read in blocks of bounded size; the clips equal those cut from the
+    whole file resampled at once, and a file reaches the encoder a few clips at a time."""
+    import torchaudio.functional as AF
+    x = np.concatenate([example.synth_clip(kind=k, seconds=9, seed=i) for i, k in enumerate(["drums", "pad", "arpeggio"])])
+    for name, rate in (("long.wav", 44_100), ("long.mp3", 32_000)):
+        sf.write(tmp_path / name, x, rate)
+        blocks = list(common.stream_48k(str(tmp_path / name), block_seconds=2.0))
+        assert max(b.shape[1] for b in blocks) <= 2.0 * 48_000 + 1 and len(blocks) > 10
+        if name.endswith(".wav"):
+            whole = AF.resample(torch.from_numpy(sf.read(tmp_path / name, dtype="float32")[0].T.copy()), rate, 48_000)
+            assert torch.equal(torch.cat(blocks, 1), whole)
+        pieces = list(compress.file_pieces(str(tmp_path / name), name, 2, 1))
+        assert all(len(p["clips"]) <= compress.PIECE_CLIPS for p in pieces) and len(pieces) > 3
+        clips = [c for p in pieces for c in p["clips"]]
+        joined = torch.cat(blocks, 1)
+        start = 5 * 2 * common.SEGMENT_STRIDE
+        assert np.array_equal(clips[5][1], joined[:, start:start + common.clip_samples(2)].numpy())
+
+
+def test_progress_counts_audio_encoded(music_dir, tmp_path, capsys):
+    assert run(music_dir, tmp_path / "o") == 0
+    err = capsys.readouterr().err
+    assert "13.5/13.5 s of audio encoded" in err        # 3 files × 4.5 s, counted as encoded, not as read
+
+
+def test_results_do_not_depend_on_batch_size_or_workers(music_dir, tmp_path):
+    assert run(music_dir, tmp_path / "a", "--batch_size=1") == 0
+    assert compress.main(["--input", str(music_dir), "--output", str(tmp_path / "b"), *FAST[:-2], "--num_workers=2",
+                          "--batch_size=5", "--device=cpu"]) == 0
+    a, b = read_shards(tmp_path / "a"), read_shards(tmp_path / "b")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k][0], b[k][0]) and np.array_equal(a[k][2], b[k][2]) for k in a)

@@ -14,13 +14,9 @@ import model as M
 from conftest import TINY_TRAIN, write_shards
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("gen")
-    data = write_shards(tmp / "data", steps=450)
-    deploy.main(["--data", str(data), "--out", str(tmp / "run"), *TINY_TRAIN, "--max_steps=6", "--eval_interval=6",
-                 "--cond_dropout=0.3"])
-    return tmp / "run" / "ckpt.pt"
+@pytest.fixture
+def ckpt(tiny_ckpt):
+    return tiny_ckpt
 
 
 def gen(ckpt, out, *extra):
@@ -112,12 +108,16 @@ def test_bad_inputs_fail_before_any_model_work(ckpt, tmp_path):
     (tmp_path / "junk.pt").write_bytes(os.urandom(256))
     cases = [
         ([], "no prompt"),
-        (["--prompt=x", "--seconds=0"], "seconds=0.0 must be > 0"),
-        (["--prompt=x", "--top_k=0"], "top_k=0 must be between 1 and 1024"),
-        (["--prompt=x", "--top_k=2000"], "top_k=2000 must be between 1 and 1024"),
-        (["--prompt=x", "--top_p=0"], r"top_p=0.0 must be in \(0, 1\]"),
-        (["--prompt=x", "--top_p=1.5"], r"top_p=1.5 must be in \(0, 1\]"),
-        (["--prompt=x", "--cfg=0.5"], "cfg=0.5 must be >= 1"),
+        (["--prompt=x", "--seconds=0"], r"seconds=0.0 is out of range: it must be in \(0, 36000\]"),
+        (["--prompt=x", "--seconds=0.001"], "shorter than one codec step"),
+        (["--prompt=x", "--seconds=nan"], "--seconds takes a finite number, not 'nan'"),
+        (["--prompt=x", "--top_k=0"], r"top_k=0 is out of range: it must be in \[1, 1024\]"),
+        (["--prompt=x", "--top_k=2000"], r"top_k=2000 is out of range"),
+        (["--prompt=x", "--top_p=0"], r"top_p=0.0 is out of range: it must be in \(0, 1\]"),
+        (["--prompt=x", "--top_p=1.5"], r"top_p=1.5 is out of range"),
+        (["--prompt=x", "--temperature=-1"], r"temperature=-1.0 is out of range"),
+        (["--prompt=x", "--num_samples=0"], r"num_samples=0 is out of range"),
+        (["--prompt=x", "--cfg=0.5"], r"cfg=0.5 is out of range: it must be in \[1, 100\]"),
         (["--prompt=x", f"--continue_from={tmp_path / 'nope.wav'}"], "cannot read --continue_from"),
         (["--prompt=x", "--seconds=60"], "longer than this model's maximum of 4 s"),
         (["--prompt=x", "--format=ogg"], "format='ogg': use mp3 or wav"),
@@ -148,3 +148,15 @@ def test_checkpoint_whose_weights_do_not_match_its_settings(ckpt, tmp_path):
     torch.save(bad, tmp_path / "bad.pt")
     with pytest.raises(SystemExit, match="the weights do not match the model settings"):
         generate.main(["--ckpt", str(tmp_path / "bad.pt"), "--prompt=x", "--seconds=1", "--out", str(tmp_path)])
+
+
+def test_earlier_pieces_are_never_replaced_without_overwrite(ckpt, tmp_path):
+    for seed in (1, 2):
+        assert gen(ckpt, tmp_path, "--prompt=calm minor pad", "--seconds=1", f"--seed={seed}", "--format=wav") == 0
+    assert gen(ckpt, tmp_path, "--prompt=Calm, minor pad!", "--seconds=1", "--seed=3", "--format=wav") == 0   # slugs alike
+    seeds = {f: json.loads((tmp_path / f"{f}.json").read_text())["seed"]
+             for f in ("calm_minor_pad.wav", "calm_minor_pad_1.wav", "calm_minor_pad_2.wav")}
+    assert seeds == {"calm_minor_pad.wav": 1, "calm_minor_pad_1.wav": 2, "calm_minor_pad_2.wav": 3}
+    assert gen(ckpt, tmp_path, "--prompt=calm minor pad", "--seconds=1", "--seed=4", "--format=wav", "--overwrite") == 0
+    assert json.loads((tmp_path / "calm_minor_pad.wav.json").read_text())["seed"] == 4
+    assert not [f for f in os.listdir(tmp_path) if "partial" in f or ".tmp" in f]

@@ -60,8 +60,7 @@ def test_checkpoint_loads_weights_only_and_survives_a_crash_mid_write(tmp_path, 
     before = path.read_bytes()
 
     def dying_save(obj, f):                         # the process dies half-way through writing
-        with open(f, "wb") as fh:
-            fh.write(b"partial")
+        f.write(b"partial")
         raise KeyboardInterrupt
     monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
@@ -177,3 +176,37 @@ def test_padding_beyond_a_clip_is_read_as_unknown_and_not_scored(tmp_path):
     assert torch.allclose(loss, valid_only)
     tokens = M.inputs_from_targets(targets, 1024)
     assert tokens[0, 0, 0] == 1024 and (tokens[0, :, 61:] == 1024).all()   # start token first; padding read as start
+
+
+def test_leftovers_of_killed_writes_never_block_or_pile_up(tmp_path):
+    """Temporary checkpoint files of killed writes are removed at start; a metrics line cut off by a
+    crash does not stop a resume."""
+    data = write_shards(tmp_path / "data")
+    run(data, tmp_path / "run", "--max_steps=2", "--eval_interval=2")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / "run" / f"ckpt.pt.tmp{dead.pid}"
+    stale.write_bytes(b"x" * 1000)
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    live = tmp_path / "run" / f"ckpt.pt.tmp{writer.pid}"        # another process's write in progress: left alone
+    live.write_bytes(b"y")
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 1.2')                        # the crash cut this line
+    deploy.main(["--data", str(data), "--out", str(tmp_path / "run"), "--resume", "--max_steps=4"])
+    writer.kill()
+    assert not stale.exists() and live.exists()
+    steps = [r["step"] for r in metrics(tmp_path / "run") if "loss" in r]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_resume_hint_repeats_the_launch_command(monkeypatch):
+    argv = ["--data=data/", "--out=runs/x", "--resume"]
+    assert deploy.resume_command(argv) == "python deploy.py --data=data/ --out=runs/x --resume"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    parent = ["/venv/bin/python3", "/venv/bin/torchrun", "--standalone", "--nproc_per_node=2", "deploy.py", "--data=data/"]
+    assert deploy.resume_command(argv[:2], parent) == \
+        "torchrun --standalone --nproc_per_node=2 deploy.py --data=data/ --out=runs/x --resume"
+    parent = ["/usr/bin/python3.11", "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "/src/deploy.py"]
+    assert deploy.resume_command(argv[:2], parent) == \
+        "python -m torch.distributed.run --nnodes=1 --nproc_per_node=2 /src/deploy.py --data=data/ --out=runs/x --resume"
