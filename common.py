@@ -185,12 +185,17 @@ def write_json(path, obj):
 
 
 def check_writable(folder, flag):
-    """Make `folder` if needed and prove a file can be written in it, before any long work starts."""
+    """Prove, before any long work, that files can be written in `folder` (or, where it does not exist yet,
+    in the nearest folder above it, where it will be made). Creates nothing."""
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise UserError(f"--{flag}={folder} is a file, not a folder: choose a folder")
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"--{flag}={folder}: {existing} is a file, not a folder: choose another path")
     try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-") as f:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-test-") as f:
             f.write(b"x")
             f.flush()
     except OSError as e:

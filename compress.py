@@ -418,6 +418,7 @@ def main(argv):
     if cfg["codec"] == "untrained":
         print(f"NOTE: codec=untrained ({attrs['codec']}): random Encodec weights, for tests and demos only. "
               "Tokens are not those of the real codec, and audio decoded from them will not sound like music.")
+    os.makedirs(out_dir, exist_ok=True)
     writer = ShardWriter(out_dir, rank, cfg["clip_seconds"] * SEGMENT_STEPS, cfg["clip_seconds"], attrs)
     stats, skipped, unlabeled, loud = Counter(), Counter(), [], []
     jobs = [(os.path.join(root, rel), rel, cfg["clip_seconds"], cfg["min_seconds"]) for rel in todo]

@@ -96,6 +96,7 @@ def start_fresh(out, folders):
             raise common.UserError(f"--out={out} already exists and was not made by example.py: choose another --out "
                                    "(example.py only deletes folders it made itself)")
     common.check_writable(out, "out")
+    os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, MARKER), "w") as f:
         f.write("example.py's scratch folder: the next example.py run into it replaces music/, data/, run/ and samples/\n")
     for folder in folders:

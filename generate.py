@@ -189,6 +189,7 @@ def main(argv):
 
 
 def write_outputs(c, prompts, audio, codes, steps, scale, ckpt, data_info):
+    os.makedirs(c["out"], exist_ok=True)
     for i, (p, wav) in enumerate(zip(prompts, audio)):
         name = slug(p) + (f"_{i % c['num_samples']}" if c["num_samples"] > 1 else "")
         path = common.write_audio(os.path.join(c["out"], f"{name}.{c['format']}"), wav, c["format"], c["bitrate"], c["overwrite"])
