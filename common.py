@@ -10,6 +10,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -471,6 +472,11 @@ def write_audio(path, wav, fmt="mp3", bitrate="192k", overwrite=True):
     return writer.close()
 
 
+def slug(text, limit=60):
+    """A file name for a prompt."""
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:limit] or "unconditional"
+
+
 def write_spectrogram(path, wav):
     import matplotlib
     matplotlib.use("Agg")
@@ -489,6 +495,13 @@ def write_spectrogram(path, wav):
 def codec_name(codec, seed):
     """The string stored with the data that says which codec made the tokens."""
     return f"untrained:seed={seed}" if codec == "untrained" else "encodec_48khz"
+
+
+def codec_for(data_info, weights, device):
+    """The codec that made a model's training data (pretrained, local weights, or untrained with its seed)."""
+    kind, codec_seed = parse_codec_name(data_info["codec"])
+    bandwidth = data_info["n_q"] * FRAME_RATE * 10 / 1000
+    return load_codec(kind, weights or data_info.get("codec_weights", ""), codec_seed, bandwidth, device)
 
 
 def parse_codec_name(name):
@@ -599,12 +612,55 @@ def encode_clips(codec, wav):
     return codes, scales
 
 
+class SegmentStream:
+    """Decodes codes one segment (up to 150 steps, 1 s) at a time, as they are made, with the codec's own
+    linear overlap-add: push() returns the samples no later segment can change, finish() the rest. Joined,
+    they equal the package's decode of all the codes at once, sample for sample, and memory stays that of
+    one segment at any length."""
+
+    def __init__(self, codec, scale=None):
+        self.codec, self.scale = codec, scale
+        self.tail = self.tail_weight = None                 # the last segment's part the next one overlaps
+        self.weight = None
+
+    def push(self, codes, scale=None):
+        """codes (B, n_q, n ≤ 150), at the loudness `scale` (B,) (default: the stream's one number) →
+        finished audio (B, 2, samples)."""
+        scale = torch.as_tensor(self.scale if scale is None else scale, dtype=torch.float32, device=codes.device)
+        scale = scale.expand(codes.shape[0]).reshape(-1, 1)
+        # the package decodes each segment on its own (its _decode_frame), then overlap-adds them
+        frame = self.codec._decode_frame((codes, scale))
+        if self.weight is None:                             # encodec's triangle, over a full segment
+            t = torch.linspace(0, 1, SAMPLE_RATE + 2, device=frame.device, dtype=frame.dtype)[1:-1]
+            self.weight = 0.5 - (t - 0.5).abs()
+        n, overlap = frame.shape[-1], SAMPLE_RATE - SEGMENT_STRIDE
+        weighted = self.weight[:n] * frame
+        head = min(n, overlap)
+        if self.tail is not None:                           # (earlier + this) / (their weights), in the package's order
+            done = [(self.tail[..., :head] + weighted[..., :head]) / (self.tail_weight[:head] + self.weight[:head])]
+        else:
+            done = [weighted[..., :head] / self.weight[:head]]
+        keep = SEGMENT_STRIDE if n > SEGMENT_STRIDE else n    # a full segment's end waits for the next one
+        done.append(weighted[..., head:keep] / self.weight[head:keep])
+        self.tail, self.tail_weight = (weighted[..., keep:], self.weight[keep:n]) if keep < n else (None, None)
+        return torch.cat(done, -1)
+
+    def finish(self):
+        """The end of the last segment: (B, 2, samples), empty if there is none."""
+        if self.tail is None:
+            return torch.zeros(0)
+        out, self.tail = self.tail / self.tail_weight, None
+        return out
+
+
 def decode_codes(codec, codes, scales):
-    """codes (B, n_q, T), scales (B, ceil(T/150)) → audio (B, 2, N): the codec's own decode, segment by
-    segment with its overlap-add. T need not be a whole number of segments."""
-    frames = [(codes[..., i:i + SEGMENT_STEPS], scales[:, j:j + 1])
-              for j, i in enumerate(range(0, codes.shape[-1], SEGMENT_STEPS))]
-    return codec.decode(frames)
+    """codes (B, n_q, T) → audio (B, 2, N): the codec's own decode, segment by segment with its overlap-add
+    (through SegmentStream, which also takes a last segment shorter than the overlap). scales: one loudness
+    for everything, or (B, ceil(T / 150)) per segment."""
+    stream = SegmentStream(codec, scales if not torch.is_tensor(scales) else None)
+    parts = [stream.push(codes[..., i:i + SEGMENT_STEPS], scales[:, j] if torch.is_tensor(scales) else None)
+             for j, i in enumerate(range(0, codes.shape[-1], SEGMENT_STEPS))]
+    return torch.cat(parts + ([stream.finish()] if stream.tail is not None else []), -1)
 
 
 def clip_samples(segments):

@@ -39,6 +39,7 @@ attention = "favor"         # favor, or softmax for exact causal attention (to c
 cross_attention = "favor"   # attention to the text: favor or softmax
 pattern = "parallel"        # codebook pattern: parallel or delay (MusicGen's)
 max_len = 4500              # longest sequence the model is built for (30 s)
+positions = "absolute"      # absolute (sinusoid + rotary, the reference's) or relative (rotary on local heads only: any length)
 ff_mult = 2                 # feed-forward width multiple
 ff_chunks = 2               # feed-forward computed in chunks along time, to save memory
 dropout = 0.1

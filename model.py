@@ -36,6 +36,7 @@ class ModelConfig:
     cross_attention: str = "favor"     # favor | softmax: attention to the text
     pattern: str = "parallel"          # parallel (all codebooks of a step together) | delay (codebook k shifted by k)
     max_len: int = 4500                # longest sequence (codec steps) the model is meant for
+    positions: str = "absolute"        # absolute (sinusoid + rotary everywhere) | relative (rotary on local heads only)
     ff_mult: int = 2
     ff_chunks: int = 2                 # feed-forward computed in this many chunks along time (memory)
     dropout: float = 0.1
@@ -58,6 +59,7 @@ class ModelConfig:
             (self.attention in ("favor", "softmax"), f"attention={self.attention!r}: use favor or softmax"),
             (self.cross_attention in ("favor", "softmax"), f"cross_attention={self.cross_attention!r}: use favor or softmax"),
             (self.pattern in ("parallel", "delay"), f"pattern={self.pattern!r}: use parallel or delay"),
+            (self.positions in ("absolute", "relative"), f"positions={self.positions!r}: use absolute or relative"),
             (0 <= self.local_heads <= self.heads, f"local_heads={self.local_heads} must be between 0 and heads={self.heads}"),
             (self.dim_head % 2 == 0, f"dim_head={self.dim_head} must be even (rotary embedding)"),
             (self.dim % 2 == 0, f"dim={self.dim} must be even"),
@@ -196,10 +198,11 @@ def local_attention(q, k, v, window):
 # positions
 
 def sinusoid(positions, dim):
-    """(T,) positions → (T, dim) [sin | cos] embedding, as performer-pytorch's FixedPositionalEmbedding."""
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, device=positions.device).float() / dim))
-    angles = positions.float()[:, None] * inv_freq
-    return torch.cat([angles.sin(), angles.cos()], -1)
+    """(T,) positions → (T, dim) float32 [sin | cos] embedding, as performer-pytorch's FixedPositionalEmbedding.
+    The angles are computed in float64 so that they stay exact at positions far past any training length."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float64) / dim))
+    angles = positions.double()[:, None] * inv_freq
+    return torch.cat([angles.sin(), angles.cos()], -1).float()
 
 
 def rotary(x, table):
@@ -212,8 +215,26 @@ def rotary(x, table):
 
 
 # -----------------------------------------------------------------------------
-# layers. Each takes (x, ctx, cache): ctx carries per-call tensors (rotary table, text); cache is None in
-# training, an empty dict to fill during prefill, or the dict filled before during step.
+# layers. Each takes (x, ctx, state): ctx carries per-call tensors (rotary table, text; when decoding, the
+# position-derived indices); state is None in training, else this layer's decoding state (fixed-shape
+# tensors from init_state): prefill (T > 1) writes it, step (T = 1, ctx["step"]) updates it in place.
+
+def _keep(state, key, value):
+    """Put a prefill result (a tensor or a tuple of them) into the decoding state: in place when it is
+    already there, so the tensors a captured CUDA graph reads keep their addresses."""
+    if key not in state:
+        state[key] = value
+    elif isinstance(value, tuple):
+        for old, new in zip(state[key], value):
+            old.copy_(new)
+    else:
+        state[key].copy_(value)
+
+
+def _with_ones(v):
+    """v (..., D) float32 → (..., D+1) with a last column of ones: the normaliser rides along with the values."""
+    return torch.cat([v, torch.ones_like(v[..., :1])], -1)
+
 
 class SelfAttention(nn.Module):
     def __init__(self, cfg):
@@ -223,64 +244,91 @@ class SelfAttention(nn.Module):
         self.to_qkv = nn.Linear(cfg.dim, 3 * cfg.heads * cfg.dim_head)
         self.to_out = nn.Linear(cfg.heads * cfg.dim_head, cfg.dim)
         self.drop = nn.Dropout(cfg.dropout)
+        # which heads see rotary positions: all, except FAVOR+ heads when positions are relative
+        self.rotate_from = self.n_global if cfg.positions == "relative" and cfg.attention == "favor" else 0
         if cfg.attention == "favor":
             self.register_buffer("projection", torch.zeros(cfg.nb_features, cfg.dim_head))
 
-    def forward(self, x, ctx, cache=None):
+    def init_state(self, b, device, dtype, capacity):
+        g, w, d = self.n_global, self.cfg.local_window, self.d
+        state = dict(local_k=torch.zeros(b, self.h - g, w, d, device=device, dtype=dtype))
+        state["local_v"] = torch.zeros_like(state["local_k"])
+        if self.cfg.attention == "favor":
+            state["s"] = torch.zeros(b, g, self.cfg.nb_features, d + 1, device=device)    # Σ φ(k) [v | 1], float32
+            state["m"] = torch.zeros(b, g, device=device)                                  # its stabiliser
+        else:
+            state["k"] = torch.zeros(b, g, capacity, d, device=device, dtype=dtype)
+            state["v"] = torch.zeros_like(state["k"])
+        return state
+
+    def forward(self, x, ctx, state=None):
         b, t, _ = x.shape
         q, k, v = self.to_qkv(x).view(b, t, 3, self.h, self.d).permute(2, 0, 3, 1, 4)  # each (B, H, T, d)
-        q, k = rotary(q, ctx["rotary"]), rotary(k, ctx["rotary"])
+        r = self.rotate_from
+        if r:
+            q = torch.cat([q[:, :r], rotary(q[:, r:], ctx["rotary"])], 1)
+            k = torch.cat([k[:, :r], rotary(k[:, r:], ctx["rotary"])], 1)
+        else:
+            q, k = rotary(q, ctx["rotary"]), rotary(k, ctx["rotary"])
         g = self.n_global
+        step = state is not None and ctx.get("step", False)
         outs = []
         if g:
             attend = self._favor if self.cfg.attention == "favor" else self._exact
-            outs.append(attend(q[:, :g], k[:, :g], v[:, :g], cache))
+            outs.append(attend(q[:, :g], k[:, :g], v[:, :g], ctx, state, step))
         if g < self.h:
-            outs.append(self._local(q[:, g:], k[:, g:], v[:, g:], cache))
-        out = torch.cat(outs, 1).to(x.dtype).transpose(1, 2).reshape(b, t, -1)
+            outs.append(self._local(q[:, g:], k[:, g:], v[:, g:], ctx, state, step))
+        out = (torch.cat(outs, 1) if len(outs) > 1 else outs[0]).to(x.dtype).transpose(1, 2).reshape(b, t, -1)
         return self.drop(self.to_out(out))
 
-    def _favor(self, q, k, v, cache):
+    def _favor(self, q, k, v, ctx, state, step):
+        softmax = self.cfg.kernel == "softmax"
         with torch.autocast(q.device.type, enabled=False):
             qf, _ = favor_features(q, self.projection, self.cfg.kernel, is_query=True)
             kf, m = favor_features(k, self.projection, self.cfg.kernel, is_query=False)
-            if m is None:
-                m = kf.new_zeros(kf.shape[:-1])
             v = v.float()
-            if cache is not None and "state" in cache:                 # one step
-                m_new = torch.maximum(cache["m"], m[..., 0])             # (B, H)
-                ve = torch.cat([v, torch.ones_like(v[..., :1])], -1)
-                state = cache["state"] * torch.exp(cache["m"] - m_new)[..., None, None] \
-                    + kf.transpose(-1, -2) @ ve * torch.exp(m[..., 0] - m_new)[..., None, None]
-                cache["state"], cache["m"] = state, m_new
-                out = qf @ state
+            if step:                                                     # one position, in place
+                kv = kf.transpose(-1, -2) @ _with_ones(v)                  # (B, H, F, D+1)
+                s = state["s"]
+                if softmax:
+                    m_new = torch.maximum(state["m"], m[..., 0])           # (B, H)
+                    s.mul_(torch.exp(state["m"] - m_new)[..., None, None])
+                    kv = kv * torch.exp(m[..., 0] - m_new)[..., None, None]
+                    state["m"].copy_(m_new)
+                s.add_(kv)
+                out = qf @ s
                 return out[..., :-1] / out[..., -1:].clamp_min(1e-30)
-            out = causal_linear_attention(qf, kf, v, m if self.cfg.kernel == "softmax" else None, self.cfg.chunk_size)
-            if cache is not None:                                        # prefill: keep the final state
-                ve = torch.cat([v, torch.ones_like(v[..., :1])], -1)
-                cache["m"] = m[..., -1]
-                cache["state"] = (kf * torch.exp(m - m[..., -1:]).unsqueeze(-1)).transpose(-1, -2) @ ve
+            out = causal_linear_attention(qf, kf, v, m, self.cfg.chunk_size)
+            if state is not None:                                        # prefill: keep the final sums
+                if softmax:
+                    state["m"].copy_(m[..., -1])
+                    kf = kf * torch.exp(m - m[..., -1:]).unsqueeze(-1)
+                state["s"].copy_(kf.transpose(-1, -2) @ _with_ones(v))
             return out
 
-    def _exact(self, q, k, v, cache):
-        if cache is not None and "k" in cache:
-            k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
-            cache["k"], cache["v"] = k, v
-            return F.scaled_dot_product_attention(q, k, v)
-        if cache is not None:
-            cache["k"], cache["v"] = k, v
+    def _exact(self, q, k, v, ctx, state, step):
+        if step:
+            state["k"].index_copy_(2, ctx["pos"], k)
+            state["v"].index_copy_(2, ctx["pos"], v)
+            return F.scaled_dot_product_attention(q, state["k"], state["v"], attn_mask=ctx["seen"])
+        if state is not None:
+            state["k"][:, :, :k.shape[2]] = k
+            state["v"][:, :, :k.shape[2]] = v
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
-    def _local(self, q, k, v, cache):
+    def _local(self, q, k, v, ctx, state, step):
+        """Exact attention over the last local_window positions. Decoding keeps them in a ring: position p
+        lives in slot p % window, so each step overwrites the oldest key and nothing moves."""
         w = self.cfg.local_window
-        def recent(z):  # the w - 1 latest positions: with the next one, a full window
-            return z[:, :, max(0, z.shape[2] - (w - 1)):]
-        if cache is not None and "local_k" in cache:
-            k, v = torch.cat([cache["local_k"], k], 2), torch.cat([cache["local_v"], v], 2)
-            cache["local_k"], cache["local_v"] = recent(k), recent(v)
-            return F.scaled_dot_product_attention(q, k, v)
-        if cache is not None:
-            cache["local_k"], cache["local_v"] = recent(k), recent(v)
+        if step:
+            state["local_k"].index_copy_(2, ctx["slot"], k)
+            state["local_v"].index_copy_(2, ctx["slot"], v)
+            return F.scaled_dot_product_attention(q, state["local_k"], state["local_v"], attn_mask=ctx["ring"])
+        if state is not None:
+            n = min(w, k.shape[2])
+            slots = torch.arange(k.shape[2] - n, k.shape[2], device=k.device) % w
+            state["local_k"].index_copy_(2, slots, k[:, :, -n:])
+            state["local_v"].index_copy_(2, slots, v[:, :, -n:])
         return local_attention(q, k, v, w)
 
 
@@ -297,15 +345,18 @@ class CrossAttention(nn.Module):
         if cfg.cross_attention == "favor":
             self.register_buffer("projection", torch.zeros(cfg.nb_features, cfg.dim_head))
 
-    def forward(self, x, ctx, cache=None):
+    def init_state(self, b, device, dtype, capacity):
+        return {}     # the text's keys and values, made once by prefill
+
+    def forward(self, x, ctx, state=None):
         b, t, _ = x.shape
         q = self.to_q(x).view(b, t, self.h, self.d).transpose(1, 2)
-        if cache is not None and "kv" in cache:
-            kv = cache["kv"]
+        if state is not None and ctx.get("step", False):
+            kv = state["kv"]
         else:
             kv = self._keys_values(ctx["text"], ctx["text_mask"])
-            if cache is not None:
-                cache["kv"] = kv                       # once per prompt, reused at every step
+            if state is not None:                      # once per prompt, reused at every step
+                _keep(state, "kv", kv)
         if self.cfg.cross_attention == "favor":
             with torch.autocast(q.device.type, enabled=False):
                 qf, _ = favor_features(q, self.projection, self.cfg.kernel, is_query=True)
@@ -325,8 +376,7 @@ class CrossAttention(nn.Module):
         with torch.autocast(k.device.type, enabled=False):
             kf, _ = favor_features(k, self.projection, self.cfg.kernel, is_query=False, key_mask=mask[:, None, :])
             kf = kf * mask[:, None, :, None]
-            v = v.float()
-            return kf.transpose(-1, -2) @ torch.cat([v, torch.ones_like(v[..., :1])], -1)   # (B, H, F, D+1)
+            return kf.transpose(-1, -2) @ _with_ones(v.float())   # (B, H, F, D+1)
 
 
 class FeedForward(nn.Module):
@@ -336,7 +386,10 @@ class FeedForward(nn.Module):
         self.net = nn.Sequential(nn.Linear(cfg.dim, cfg.dim * cfg.ff_mult), nn.GELU(), nn.Dropout(cfg.dropout),
                                  nn.Linear(cfg.dim * cfg.ff_mult, cfg.dim))
 
-    def forward(self, x, ctx, cache=None):
+    def init_state(self, b, device, dtype, capacity):
+        return {}
+
+    def forward(self, x, ctx, state=None):
         if self.chunks <= 1 or x.shape[1] < self.chunks:
             return self.net(x)
         return torch.cat([self.net(c) for c in x.chunk(self.chunks, dim=1)], dim=1)
@@ -348,23 +401,30 @@ class Residual(nn.Module):
 
     def __init__(self, cfg, layer, shift):
         super().__init__()
-        self.layer, self.shift = layer, shift and cfg.shift_tokens
+        self.dim, self.layer, self.shift = cfg.dim, layer, shift and cfg.shift_tokens
         self.gate = nn.Parameter(torch.tensor(1e-3)) if cfg.rezero else None
         self.norm = None if cfg.rezero else nn.LayerNorm(cfg.dim)
 
-    def forward(self, x, ctx, cache=None):
+    def init_state(self, b, device, dtype, capacity):
+        state = self.layer.init_state(b, device, dtype, capacity)
+        if self.shift:
+            state["prev"] = torch.zeros(b, 1, self.dim - self.dim // 2, device=device, dtype=dtype)
+        return state
+
+    def forward(self, x, ctx, state=None):
         if self.shift:   # the second half of the features comes from the previous position
             half = x.shape[-1] // 2
-            if cache is not None and "prev" in cache:
-                prev = cache["prev"]
+            if state is not None and ctx.get("step", False):
+                prev = state["prev"]
             else:
                 prev = F.pad(x[:, :-1, half:], (0, 0, 1, 0))
-            if cache is not None:
-                cache["prev"] = x[:, -1:, half:]
-            x = torch.cat([x[..., :half], prev], -1)
+            shifted = torch.cat([x[..., :half], prev], -1)
+            if state is not None:
+                state["prev"].copy_(x[:, -1:, half:])
+            x = shifted
         if self.norm is not None:
             x = self.norm(x)
-        out = self.layer(x, ctx, cache)
+        out = self.layer(x, ctx, state)
         return out * self.gate if self.gate is not None else out
 
 
@@ -403,9 +463,9 @@ class ReversibleBlock(nn.Module):
         super().__init__()
         self.f, self.g = f, g
 
-    def forward(self, x1, x2, ctx, caches=None):
-        y1 = x1 + self.f(x2, ctx, None if caches is None else caches[0])
-        y2 = x2 + self.g(y1, ctx, None if caches is None else caches[1])
+    def forward(self, x1, x2, ctx, states=None):
+        y1 = x1 + self.f(x2, ctx, None if states is None else states[0])
+        y2 = x2 + self.g(y1, ctx, None if states is None else states[1])
         return y1, y2
 
     def forward_recording(self, x1, x2, ctx):
@@ -486,11 +546,11 @@ class MusicTransformer(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def _embed(self, tokens, offset):
-        """tokens (B, n_q, T) → (B, T, dim) with sinusoidal positions from `offset`, and the rotary table."""
+    def _embed(self, tokens, positions):
+        """tokens (B, n_q, T) at `positions` (T,) → (B, T, dim), and the rotary table (T, dim_head)."""
         x = sum(emb(tokens[:, k]) for k, emb in enumerate(self.embed))
-        positions = torch.arange(offset, offset + tokens.shape[-1], device=tokens.device)
-        x = x + sinusoid(positions, self.cfg.dim).to(x.dtype)
+        if self.cfg.positions == "absolute":
+            x = x + sinusoid(positions, self.cfg.dim).to(x.dtype)
         return self.drop(x), sinusoid(positions, self.cfg.dim_head)
 
     def _logits(self, x):
@@ -501,7 +561,7 @@ class MusicTransformer(nn.Module):
     def forward(self, tokens, text, text_mask):
         """tokens (B, n_q, T) in 0..vocab (vocab = start), text (B, L, text_dim), text_mask (B, L) bool
         → logits (B, n_q, T, vocab)."""
-        x, rot = self._embed(tokens, 0)
+        x, rot = self._embed(tokens, torch.arange(tokens.shape[-1], device=tokens.device))
         text = self.text_proj(text)
         ctx = dict(rotary=rot, text=text, text_mask=text_mask)
         if self.cfg.reversible and torch.is_grad_enabled():
@@ -512,32 +572,199 @@ class MusicTransformer(nn.Module):
                 x1, x2 = block(x1, x2, ctx)
         return self._logits((x1 + x2) / 2)
 
+    # decoding: prefill once, then step at constant cost; the state has fixed shapes and is updated in place
+
+    def window(self):
+        """Longest input (in layout steps) one decoding state holds for exact attention, the positions a
+        model with absolute positions was built for."""
+        return self.cfg.max_len + self.cfg.n_q - 1
+
+    def init_state(self, batch, device, dtype=torch.float32):
+        """Decoding state for `batch` sequences, allocated once: per layer the FAVOR+ sums (B, H, F, D+1) and
+        their stabiliser (B, H), a ring of the local heads' last local_window keys and values, the
+        token-shift input, the text's keys and values; and the position, as a tensor."""
+        return dict(pos=torch.zeros(1, dtype=torch.long, device=device),
+                    layers=[(block.f.init_state(batch, device, dtype, self.window()),
+                             block.g.init_state(batch, device, dtype, self.window())) for block in self.blocks])
+
     @torch.no_grad()
-    def prefill(self, tokens, text, text_mask):
-        """Run a prompt (B, n_q, T) once; return the last position's logits (B, n_q, vocab) and the state
-        for step()."""
-        x, rot = self._embed(tokens, 0)
-        state = dict(pos=tokens.shape[-1], caches=[({}, {}) for _ in self.blocks])
+    def prefill(self, tokens, text, text_mask, state):
+        """Run a prompt (B, n_q, T) through the chunked (parallel) form, writing the state it ends in;
+        returns the last position's logits (B, n_q, vocab)."""
+        x, rot = self._embed(tokens, torch.arange(tokens.shape[-1], device=tokens.device))
         ctx = dict(rotary=rot, text=self.text_proj(text), text_mask=text_mask)
-        state["text"], state["text_mask"] = ctx["text"], text_mask
         x1 = x2 = x
-        for block, caches in zip(self.blocks, state["caches"]):
-            x1, x2 = block(x1, x2, ctx, caches)
-        return self._logits((x1[:, -1:] + x2[:, -1:]) / 2)[:, :, 0], state
+        for block, layer_state in zip(self.blocks, state["layers"]):
+            x1, x2 = block(x1, x2, ctx, layer_state)
+        state["pos"].fill_(tokens.shape[-1])
+        return self._logits((x1[:, -1:] + x2[:, -1:]) / 2)[:, :, 0]
 
     @torch.no_grad()
     def step(self, tokens, state):
-        """Feed one step (B, n_q) after prefill/step; constant cost at any position."""
-        x, rot = self._embed(tokens[..., None], state["pos"])
-        ctx = dict(rotary=rot, text=state["text"], text_mask=state["text_mask"])
+        """Feed one step (B, n_q) after prefill or step; returns logits (B, n_q, vocab). The same cost and
+        memory at every position; only tensor operations, so one step can be captured as a CUDA graph."""
+        pos = state["pos"]
+        x, rot = self._embed(tokens[..., None], pos)
+        window = torch.arange(self.cfg.local_window, device=pos.device)
+        ctx = dict(step=True, rotary=rot, pos=pos, slot=pos % self.cfg.local_window, ring=(window <= pos)[None])
+        if self.cfg.attention == "softmax":
+            ctx["seen"] = (torch.arange(self.window(), device=pos.device) <= pos)[None]
         x1 = x2 = x
-        for block, caches in zip(self.blocks, state["caches"]):
-            x1, x2 = block(x1, x2, ctx, caches)
-        state["pos"] += 1
+        for block, layer_state in zip(self.blocks, state["layers"]):
+            x1, x2 = block(x1, x2, ctx, layer_state)
+        pos.add_(1)
         return self._logits((x1 + x2) / 2)[:, :, 0]
 
     def loss(self, tokens, targets, text, text_mask):
         return codebook_loss(self(tokens, text, text_mask), targets)
+
+
+# -----------------------------------------------------------------------------
+# sampling: one sampler for generate.py and for the samples written during training
+
+def sample_next(logits, top_k, top_p, temperature, generator):
+    """logits (..., V) → sampled ids (...), with top-k, then top-p, at the given temperature."""
+    logits = logits.float() / temperature
+    if top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p          # keep the smallest set that reaches top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs.flatten(0, -2), 1, generator=generator).view(probs.shape[:-1])
+
+
+class Decoder:
+    """prefill() and step() of a model on one fixed-shape state. mode: eager, or graph (CUDA only: the
+    step is captured once as a CUDA graph and replayed, so a step costs one launch instead of hundreds)."""
+
+    def __init__(self, model, batch, device, mode="eager"):
+        self.model, self.mode = model, mode
+        self.state = model.init_state(batch, device, next(model.parameters()).dtype)
+        self.graph = None
+
+    def prefill(self, tokens, text, text_mask):
+        return self.model.prefill(tokens, text, text_mask, self.state)
+
+    def step(self, tokens):
+        if self.mode != "graph":
+            return self.model.step(tokens, self.state)
+        if self.graph is None:
+            self._capture(tokens)
+        self.tokens.copy_(tokens)
+        self.graph.replay()
+        return self.logits
+
+    def _capture(self, tokens):
+        """Warm up on a side stream, put the state back as it was, then record one step."""
+        saved = _clone_state(self.state)
+        self.tokens = tokens.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.model.step(self.tokens, self.state)
+        torch.cuda.current_stream().wait_stream(stream)
+        _copy_state(self.state, saved)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self.model.step(self.tokens, self.state)
+
+
+def _state_tensors(state):
+    if isinstance(state, torch.Tensor):
+        yield state
+    elif isinstance(state, dict):
+        for v in state.values():
+            yield from _state_tensors(v)
+    elif isinstance(state, (list, tuple)):
+        for v in state:
+            yield from _state_tensors(v)
+
+
+def _clone_state(state):
+    return [t.clone() for t in _state_tensors(state)]
+
+
+def _copy_state(state, saved):
+    for t, s in zip(_state_tensors(state), saved):
+        t.copy_(s)
+
+
+@torch.no_grad()
+def generate(model, text_encoder, prompts, codes, seed=0, top_k=250, top_p=1.0, temperature=1.0, cfg=1.0,
+             stride=None, mode="eager", refeed=False):
+    """Sample the UNKNOWN entries of codes (B, n_q, T) in place, left to right, one prompt per row; given
+    entries (a continuation) are kept. A generator: it yields (start, end) each time code steps
+    [start, end) are complete in every codebook, so a caller can decode and play them at once.
+
+    Any length: a model whose positions are relative, with FAVOR+ attention, carries its state on (the
+    same cost and memory per step at any length); any other model goes by windows of max_len steps,
+    each new window re-prefilled with the last max_len - stride steps of the previous one (MusicGen's
+    extend_stride). refeed=True runs the whole window through forward() at every step instead of the
+    recurrent state: the slow reference method, which samples the same codes."""
+    model.eval()
+    b, n_q, total = codes.shape
+    vocab, pattern, device = model.cfg.vocab, model.cfg.pattern, codes.device
+    guided = cfg != 1.0
+    text, mask = text_encoder(list(prompts) + [""] * b if guided else list(prompts), device)
+    double = (lambda x: torch.cat([x, x])) if guided else (lambda x: x)
+    carry_on = model.cfg.positions == "relative" and model.cfg.attention == "favor"
+    rows = torch.arange(n_q, device=device)
+    lag = rows if pattern == "delay" else torch.zeros_like(rows)   # code step s of codebook k is layout column s + lag[k]
+    lag_max = int(lag[-1])
+    span = model.cfg.max_len
+    stride = stride if stride and stride < span else max(1, span * 3 // 5)   # MusicGen's 18 s of 30
+    unknown = (codes == UNKNOWN).any(1).any(0).nonzero()
+    done = int(unknown[0]) if len(unknown) else total
+    if done:
+        yield 0, done
+    generator = torch.Generator(device).manual_seed(seed)
+    decoder = None if refeed else Decoder(model, text.shape[0], device, mode)
+    start = max(0, done - (span - stride))            # the first window keeps up to span - stride steps of context
+    while done < total:
+        end = total if carry_on else min(total, start + span)
+        layout = to_layout(codes[..., start:end], pattern)     # START: empty slot, UNKNOWN: to sample, >= 0: given
+        inputs = inputs_from_targets(layout, vocab)
+        first = int((layout == UNKNOWN).any(0).any(0).nonzero()[0])
+        if refeed:
+            logits = model(double(inputs[..., :first + 1]), text, mask)[:, :, -1]
+        else:
+            logits = decoder.prefill(double(inputs[..., :first + 1]), text, mask)
+        for t in range(first, layout.shape[-1]):
+            if guided:
+                cond, uncond = logits.float().chunk(2)
+                logits = uncond + cfg * (cond - uncond)
+            slot = layout[..., t]
+            layout[..., t] = torch.where(slot == UNKNOWN, sample_next(logits, top_k, top_p, temperature, generator), slot)
+            complete = start + t - lag_max + 1            # code steps now known in every codebook
+            if complete > done:
+                for s in range(done, complete):
+                    codes[:, :, s] = layout[:, rows, s - start + lag]
+                yield done, complete
+                done = complete
+            if t + 1 < layout.shape[-1]:
+                new = layout[..., t].masked_fill(layout[..., t] < 0, vocab)
+                if refeed:
+                    inputs[..., t + 1] = new
+                    logits = model(double(inputs[..., :t + 2]), text, mask)[:, :, -1]
+                else:
+                    logits = decoder.step(double(new))
+        start = end - (span - stride)
+
+
+def sample(model, text_encoder, prompts, steps, device, prompt_codes=None, **options):
+    """Codes (B, n_q, steps) for a batch of prompts, all at once (see generate for the options);
+    prompt_codes (n_q, P) are kept as the first P steps (continuation)."""
+    codes = torch.full((len(prompts), model.cfg.n_q, steps), UNKNOWN, dtype=torch.long, device=device)
+    if prompt_codes is not None:
+        codes[..., :prompt_codes.shape[-1]] = prompt_codes.to(device)
+    for _ in generate(model, text_encoder, prompts, codes, **options):
+        pass
+    return codes
 
 
 def codebook_loss(logits, targets):

@@ -163,16 +163,18 @@ def evaluate(raw_model, shards, val_ids, c, text_encoder, device, autocast):
 
 
 def write_samples(raw_model, text_encoder, c, data_info, step, out_dir, device):
-    import generate
+    """A short piece per sample prompt, from the model's own sampler, into out/samples/."""
     raw_model.eval()
     prompts = data_info["sample_prompts"]
-    codes = generate.sample_codes(raw_model, text_encoder, prompts, steps=int(c.sample_seconds * common.FRAME_RATE),
-                                  device=device, seed=step, cfg=3.0 if c.cond_dropout > 0 else 1.0, progress=False)
-    codec = generate.codec_for(data_info, c.codec_weights, device)
+    codes = M.sample(raw_model, text_encoder, prompts, int(c.sample_seconds * common.FRAME_RATE), device, seed=step,
+                     cfg=3.0 if c.cond_dropout > 0 else 1.0)
+    codec = common.codec_for(data_info, c.codec_weights, device)
     folder = os.path.join(out_dir, "samples")
     os.makedirs(folder, exist_ok=True)
-    for prompt, audio in zip(prompts, generate.codes_to_audio(codec, codes, data_info["typical_scale"])):
-        common.write_audio(os.path.join(folder, f"step{step:06d}_{generate.slug(prompt)}.mp3"), audio)
+    with torch.no_grad():
+        audio = common.decode_codes(codec, codes, data_info["typical_scale"]).cpu()
+    for prompt, wav in zip(prompts, audio):
+        common.write_audio(os.path.join(folder, f"step{step:06d}_{common.slug(prompt)}.mp3"), wav)
     raw_model.train()
 
 
@@ -192,7 +194,9 @@ def train(config, shards, rank, world, device, cli_overrides=(), resume_hint="")
         if changed:
             was = ", ".join(f"{k}={saved[k]}" for k in changed)
             raise UserError(f"cannot change {', '.join(changed)} when resuming: the checkpoint's model has {was}")
-        config = {**ckpt["config"], **{k: config[k] for k in cli_overrides}, "resume": True}
+        # settings a checkpoint predates take the value that reproduces it: its model_config's (dataclass) defaults
+        model_settings = {k: v for k, v in ckpt["model_config"].items() if k in deploy.MODEL_SETTINGS}
+        config = {**config, **ckpt["config"], **model_settings, **{k: config[k] for k in cli_overrides}, "resume": True}
     config["world_size"] = world
     c = SimpleNamespace(**config)
     common.check_ranges(config, deploy.RANGES)
@@ -258,8 +262,7 @@ def train(config, shards, rank, world, device, cli_overrides=(), resume_hint="")
             print(f"resuming from step {step} (best validation loss {best_val:.4f})")
     monitor = Monitor(out_dir, config, step if config["resume"] else None) if master else None
     if master and c.sample_interval:
-        import generate
-        generate.codec_for(data_info, c.codec_weights, "cpu")   # fail now, not hours in, if the codec is missing
+        common.codec_for(data_info, c.codec_weights, "cpu")   # fail now, not hours in, if the codec is missing
 
     loader = torch.utils.data.DataLoader(
         deploy.Crops(shards, train_ids, c.seq_len, c.cond_dropout, c.seed),

@@ -69,9 +69,9 @@ def open_tiny(pattern):
 @pytest.mark.parametrize("pattern", ["parallel", "delay"])
 def test_recurrent_sampling_equals_refeeding(pattern):
     net = open_tiny(pattern)
-    kwargs = dict(steps=40, device="cpu", seed=3, top_k=50, cfg=2.0, progress=False)
-    fast = generate.sample_codes(net, stub_text_encoder, ["a", "b"], **kwargs)
-    slow = generate.sample_codes(net, stub_text_encoder, ["a", "b"], refeed=True, **kwargs)
+    kwargs = dict(steps=40, device="cpu", seed=3, top_k=50, cfg=2.0)
+    fast = M.sample(net, stub_text_encoder, ["a", "b"], **kwargs)
+    slow = M.sample(net, stub_text_encoder, ["a", "b"], refeed=True, **kwargs)
     assert torch.equal(fast, slow)
 
 
@@ -80,8 +80,7 @@ def test_start_token_is_never_generated(pattern):
     net = open_tiny(pattern)
     with torch.no_grad():
         net.head.bias.view(4, 1024)[:, 1000:] += 50.0     # push mass to the top of the vocabulary
-    codes = generate.sample_codes(net, stub_text_encoder, ["a"] * 16, steps=60, device="cpu", top_k=1024,
-                                  temperature=2.0, progress=False)
+    codes = M.sample(net, stub_text_encoder, ["a"] * 16, steps=60, device="cpu", top_k=1024, temperature=2.0)
     assert codes.shape == (16, 4, 60) and codes.min() >= 0 and codes.max() <= 1023
 
 
@@ -89,8 +88,7 @@ def test_start_token_is_never_generated(pattern):
 def test_continuation_keeps_the_prompt_codes(pattern):
     net = open_tiny(pattern)
     prompt = torch.randint(0, 1024, (4, 25))
-    codes = generate.sample_codes(net, stub_text_encoder, ["a", "b"], steps=50, device="cpu", prompt_codes=prompt,
-                                  progress=False)
+    codes = M.sample(net, stub_text_encoder, ["a", "b"], steps=50, device="cpu", prompt_codes=prompt)
     assert torch.equal(codes[:, :, :25], prompt.expand(2, 4, 25)) and not torch.equal(codes[0, :, 25:], codes[1, :, 25:])
 
 
@@ -119,7 +117,6 @@ def test_bad_inputs_fail_before_any_model_work(ckpt, tmp_path):
         (["--prompt=x", "--num_samples=0"], r"num_samples=0 is out of range"),
         (["--prompt=x", "--cfg=0.5"], r"cfg=0.5 is out of range: it must be in \[1, 100\]"),
         (["--prompt=x", f"--continue_from={tmp_path / 'nope.wav'}"], "cannot read --continue_from"),
-        (["--prompt=x", "--seconds=60"], "longer than this model's maximum of 4 s"),
         (["--prompt=x", "--format=ogg"], "format='ogg': use mp3 or wav"),
         (["--prompt=x", "--sample_rate=3"], "unknown setting --sample_rate"),
     ]
@@ -160,3 +157,125 @@ def test_earlier_pieces_are_never_replaced_without_overwrite(ckpt, tmp_path):
     assert gen(ckpt, tmp_path, "--prompt=calm minor pad", "--seconds=1", "--seed=4", "--format=wav", "--overwrite") == 0
     assert json.loads((tmp_path / "calm_minor_pad.wav.json").read_text())["seed"] == 4
     assert not [f for f in os.listdir(tmp_path) if "partial" in f or ".tmp" in f]
+
+
+# -----------------------------------------------------------------------------
+# any length, heard while it is made
+
+def count_ops(fn):
+    """aten operations run by fn() and the elements they allocate: the cost of a decode step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        ops = elements = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            Count.ops += 1
+            Count.elements += sum(t.numel() for t in (out if isinstance(out, (tuple, list)) else [out]) if torch.is_tensor(t))
+            return out
+    with Count():
+        fn()
+    return Count.ops, Count.elements
+
+
+@pytest.mark.parametrize("positions", ["absolute", "relative"])
+def test_a_decode_step_costs_the_same_at_any_position(positions):
+    net = open_tiny("delay")
+    net.cfg.positions = positions
+    text, mask = stub_text_encoder(["a", "b"], "cpu")
+    state = net.init_state(2, "cpu")
+    tokens = torch.randint(0, 1024, (2, 4, 5))
+    net.prefill(tokens, text, mask, state)
+    shapes = [t.shape for t in M._state_tensors(state)]
+    cost = []
+    for t in range(600):
+        if t in (3, 599):
+            cost.append(count_ops(lambda: net.step(tokens[..., 0], state)))
+        else:
+            net.step(tokens[..., 0], state)
+    assert cost[0] == cost[1]
+    assert [t.shape for t in M._state_tensors(state)] == shapes      # no state tensor grew
+    assert int(state["pos"]) == 605
+
+
+@pytest.mark.parametrize("positions,pattern", [("absolute", "delay"), ("relative", "parallel"), ("absolute", "parallel")])
+def test_long_pieces_equal_refeeding_across_windows(positions, pattern):
+    """130 steps with max_len 40: windows (absolute positions: each re-prefilled with its last 16 steps)
+    or a state that carries on (relative). The recurrent sampler equals one that runs forward() on the
+    whole current window at every step, so a window after a boundary equals a fresh prefill of it."""
+    net = open_tiny(pattern)
+    net.cfg.positions, net.cfg.max_len = positions, 40
+    kwargs = dict(steps=130, device="cpu", seed=5, top_k=100, top_p=0.95, temperature=0.9, cfg=2.0, stride=24)
+    fast = M.sample(net, stub_text_encoder, ["a", "b"], **kwargs)
+    slow = M.sample(net, stub_text_encoder, ["a", "b"], refeed=True, **kwargs)
+    assert torch.equal(fast, slow) and (fast >= 0).all()
+    prompt = torch.randint(0, 1024, (4, 70))                     # a continuation longer than the window
+    fast = M.sample(net, stub_text_encoder, ["a", "b"], prompt_codes=prompt, **kwargs)
+    slow = M.sample(net, stub_text_encoder, ["a", "b"], prompt_codes=prompt, refeed=True, **kwargs)
+    assert torch.equal(fast, slow) and torch.equal(fast[:, :, :70], prompt.expand(2, 4, 70))
+
+
+def test_streamed_decoding_equals_decoding_at_once():
+    codec = common.load_codec("untrained", "", 0, 6.0, "cpu")
+    g = torch.Generator().manual_seed(0)
+    for steps in (150, 449, 450, 452, 749):     # (the package cannot decode a last segment of 1 step; ours can)
+        codes = torch.randint(0, 1024, (2, 4, steps), generator=g)
+        scales = torch.rand(2, -(-steps // 150), generator=g) * 0.2 + 0.01
+        with torch.no_grad():
+            whole = codec.decode([(codes[..., i:i + 150], scales[:, j:j + 1]) for j, i in enumerate(range(0, steps, 150))])
+            stream = common.SegmentStream(codec)
+            parts = [stream.push(codes[..., i:i + 150], scales[:, j]) for j, i in enumerate(range(0, steps, 150))]
+            parts.append(stream.finish())
+        assert torch.equal(torch.cat([p for p in parts if p.numel()], -1), whole)
+
+
+def test_generate_py_streams_a_long_piece_with_every_option(ckpt, tmp_path):
+    """10 s from a model built for 4 s (windows), two prompts × two samples, top-k, top-p, temperature,
+    guidance, and a continuation from a 6 s file (longer than the window: its last 4 s are the context).
+    The WAV written as it was made equals decoding the stored codes at once."""
+    sf.write(tmp_path / "intro.wav", example.synth_clip(seconds=6.2), 48_000)
+    args = ["--prompt=calm minor pad", "--prompt=upbeat major arpeggio", "--num_samples=2", "--seconds=10", "--top_k=100",
+            "--top_p=0.9", "--temperature=0.8", "--cfg=2", "--window_stride=3", "--format=wav", "--seed=7",
+            f"--continue_from={tmp_path / 'intro.wav'}"]
+    assert gen(ckpt, tmp_path / "a", *args) == 0
+    files = sorted(f for f in os.listdir(tmp_path / "a") if f.endswith(".wav"))
+    assert files == ["calm_minor_pad_0.wav", "calm_minor_pad_1.wav", "upbeat_major_arpeggio_0.wav", "upbeat_major_arpeggio_1.wav"]
+    codec = common.load_codec("untrained", "", 0, 6.0, "cpu")
+    intro = common.load_audio(str(tmp_path / "intro.wav"), last_seconds=4)
+    intro_codes, _ = common.encode_clips(codec, intro[None, :, :common.clip_samples(3)])
+    metas = {f: json.loads((tmp_path / "a" / f"{f}.json").read_text()) for f in files}
+    batch = torch.stack([torch.tensor(m["codes"]) for m in sorted(metas.values(), key=lambda m: m["batch_index"])])
+    with torch.no_grad():          # the package's own decode of all the codes at once, the batch as generate.py made it
+        whole = codec.decode([(batch[..., i:i + 150], torch.full((4, 1), metas[files[0]]["scale"])) for i in range(0, 1500, 150)])
+    for f, meta in metas.items():
+        codes = torch.tensor(meta["codes"])
+        assert codes.shape == (4, 1500) and meta["top_p"] == 0.9 and meta["cfg"] == 2.0
+        assert torch.equal(codes[:, :450], intro_codes[0])
+        audio, sr = sf.read(tmp_path / "a" / f, dtype="int16")
+        expected = (whole[meta["batch_index"]].clamp(-1, 1).numpy().T * 32767).astype(np.int16)
+        assert sr == 48_000 and np.array_equal(audio, expected)
+    texts = {json.loads((tmp_path / "a" / f"{f}.json").read_text())["prompt"] for f in files}
+    assert texts == {"calm minor pad", "upbeat major arpeggio"}
+
+
+def test_an_interrupted_piece_is_kept_under_a_name_that_says_so(ckpt, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from conftest import ROOT
+    (tmp_path / "x.wav").write_bytes(b"an earlier piece")
+    proc = subprocess.Popen([sys.executable, "generate.py", "--ckpt", str(ckpt), "--prompt=x", "--seconds=600",
+                             "--format=wav", "--out", str(tmp_path), "--device=cpu"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = tmp_path / "x.partial.wav"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (partial.exists() and partial.stat().st_size > 200_000):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert (tmp_path / "x.wav").read_bytes() == b"an earlier piece"
+    assert sorted(os.listdir(tmp_path)) == ["x.partial.wav", "x.wav"]          # no .json: nothing looks finished
+    audio, sr = sf.read(partial)                                               # what was made can be listened to
+    assert sr == 48_000 and len(audio) >= 48_000

@@ -140,19 +140,27 @@ def test_strict_causality(kernel, attention, pattern):
         assert torch.equal(net(tokens, text, mask)[:, :, :40], net(changed, text, mask)[:, :, :40])
 
 
-@pytest.mark.parametrize("kernel,attention,pattern,cross", [
-    ("generalized", "favor", "parallel", "favor"), ("softmax", "favor", "delay", "favor"),
-    ("generalized", "favor", "delay", "softmax"), ("generalized", "softmax", "parallel", "favor")])
-def test_recurrent_decoding_equals_full_forward(kernel, attention, pattern, cross):
-    net = tiny(kernel=kernel, attention=attention, pattern=pattern, cross_attention=cross).eval()
+@pytest.mark.parametrize("kernel,attention,pattern,cross,positions", [
+    ("generalized", "favor", "parallel", "favor", "absolute"), ("softmax", "favor", "delay", "favor", "absolute"),
+    ("generalized", "favor", "delay", "softmax", "relative"), ("generalized", "softmax", "parallel", "favor", "absolute"),
+    ("softmax", "favor", "parallel", "favor", "relative")])
+def test_recurrent_decoding_equals_full_forward(kernel, attention, pattern, cross, positions):
+    """Prefill + 313 steps with a local window of 7 (the ring wraps ~45 times), token shift on: every
+    step's logits equal the full forward's, and no state tensor changes shape or is reallocated."""
+    net = tiny(kernel=kernel, attention=attention, pattern=pattern, cross_attention=cross, positions=positions).eval()
     tokens, text, mask = inputs(t=330)
     with torch.no_grad():
         full = net(tokens, text, mask)
-        logits, state = net.prefill(tokens[..., :17], text, mask)
+        state = net.init_state(2, "cpu")
+        before = [(t.data_ptr(), t.shape) for t in M._state_tensors(state)]
+        logits = net.prefill(tokens[..., :17], text, mask, state)
+        after_prefill = [(t.data_ptr(), t.shape) for t in M._state_tensors(state)]
         worst = (logits - full[:, :, 16]).abs().max()
         for t in range(17, 330):
             worst = max(worst, (net.step(tokens[..., t], state) - full[:, :, t]).abs().max())
     assert worst <= 1e-4
+    assert [(t.data_ptr(), t.shape) for t in M._state_tensors(state)] == after_prefill
+    assert set(before) <= set(after_prefill)          # prefill fills the state in place, adding only the text's keys/values
 
 
 def test_reversible_gradients_equal_plain_backprop_with_dropout():
