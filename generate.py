@@ -41,7 +41,7 @@ gain_db = 0.0                # loudness change applied after decoding
 spectrogram = False          # also write a spectrogram .png beside each file
 continue_from = ""           # an audio file to continue (MusicGen-style continuation)
 overwrite = False            # replace earlier pieces of the same name (otherwise a number is added: name_1.mp3)
-decode = "auto"              # auto (CUDA graph on a GPU, eager on a CPU), eager, graph
+decode = "auto"              # auto (a CUDA graph on a GPU; on a CPU torch.compile from 30 s, else eager), eager, compile, graph
 decode_dtype = "auto"        # weights while decoding: auto (bfloat16 on a GPU, float32 on a CPU), float32, bfloat16
 codec_weights = ""           # local Encodec weights (pretrained codec without internet)
 device = "auto"              # auto (cuda when available), cpu, cuda
@@ -57,7 +57,7 @@ def validate(c):
                                 window_stride="(0, 36000]"))
     if round(c["seconds"] * common.FRAME_RATE) < 1:
         raise UserError(f"seconds={c['seconds']} is shorter than one codec step (1/{common.FRAME_RATE} s): ask for more")
-    for name, allowed in (("format", ("mp3", "wav")), ("decode", ("auto", "eager", "graph")),
+    for name, allowed in (("format", ("mp3", "wav")), ("decode", ("auto", "eager", "compile", "graph")),
                           ("decode_dtype", ("auto", "float32", "bfloat16"))):
         if c[name] not in allowed:
             raise UserError(f"{name}={c[name]!r}: use {' or '.join(allowed)}")
@@ -66,9 +66,10 @@ def validate(c):
 
 
 def decoding_setup(c, dev):
-    """(mode, dtype) for decoding: a CUDA graph and bf16 weights on a GPU; plain eager float32 on a CPU."""
+    """(mode, dtype) for decoding: a CUDA graph and bf16 weights on a GPU; float32 on a CPU, compiled for
+    long pieces (see model.decode_mode)."""
     cuda = dev.startswith("cuda")
-    mode = ("graph" if cuda else "eager") if c["decode"] == "auto" else c["decode"]
+    mode = M.decode_mode(c["decode"], dev, round(c["seconds"] * common.FRAME_RATE))
     if mode == "graph" and not cuda:
         raise UserError("decode=graph needs a CUDA GPU: use --decode=eager (or auto)")
     dtype = ("bfloat16" if cuda else "float32") if c["decode_dtype"] == "auto" else c["decode_dtype"]

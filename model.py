@@ -12,6 +12,7 @@ cross-attending to a label encoded by a frozen BERT-family model.
   them with the same dropout masks and the same random features.
 """
 import os
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 
@@ -205,13 +206,34 @@ def sinusoid(positions, dim):
     return torch.cat([angles.sin(), angles.cos()], -1).float()
 
 
+def rotary_table(positions, dim_head):
+    """(T,) positions → the (sin, cos) pair rotary() applies, each (T, dim_head), made once per forward."""
+    sin, cos = sinusoid(positions, dim_head).chunk(2, -1)
+    return sin.repeat_interleave(2, -1), cos.repeat_interleave(2, -1)
+
+
 def rotary(x, table):
-    """Rotary embedding with the (sin | cos) table of sinusoid(positions, dim_head)."""
-    sin, cos = table.to(x.dtype).chunk(2, -1)
-    sin, cos = sin.repeat_interleave(2, -1), cos.repeat_interleave(2, -1)
+    """Rotary embedding: consecutive feature pairs of x rotated by the angles of its positions."""
+    sin, cos = (t.to(x.dtype) for t in table)
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
     rotated = torch.stack([-x2, x1], -1).flatten(-2)
     return x * cos + rotated * sin
+
+
+class Linear(nn.Linear):
+    """nn.Linear, but a CPU matrix-vector product in float32 (decoding: a few rows) is computed weight-first,
+    W @ xᵀ over at least two columns: the form in which the BLAS reads the weights fastest (measured in
+    BENCHMARKS.md: about twice F.linear's speed at one or two rows, so guidance costs no more than one row)."""
+
+    def forward(self, x):
+        rows = x.numel() // self.in_features
+        if rows > 8 or x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_grad_enabled():
+            return F.linear(x, self.weight, self.bias)
+        flat = x.reshape(rows, self.in_features)
+        if rows == 1:
+            flat = flat.repeat(2, 1)        # stride-0 rows would send the BLAS down its slow path
+        out = torch.addmm(self.bias[:, None], self.weight, flat.t()).t()
+        return out[:rows].reshape(*x.shape[:-1], self.out_features)
 
 
 # -----------------------------------------------------------------------------
@@ -241,8 +263,8 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.cfg, self.h, self.d = cfg, cfg.heads, cfg.dim_head
         self.n_global = cfg.heads - cfg.local_heads
-        self.to_qkv = nn.Linear(cfg.dim, 3 * cfg.heads * cfg.dim_head)
-        self.to_out = nn.Linear(cfg.heads * cfg.dim_head, cfg.dim)
+        self.to_qkv = Linear(cfg.dim, 3 * cfg.heads * cfg.dim_head)
+        self.to_out = Linear(cfg.heads * cfg.dim_head, cfg.dim)
         self.drop = nn.Dropout(cfg.dropout)
         # which heads see rotary positions: all, except FAVOR+ heads when positions are relative
         self.rotate_from = self.n_global if cfg.positions == "relative" and cfg.attention == "favor" else 0
@@ -338,9 +360,9 @@ class CrossAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg, self.h, self.d = cfg, cfg.heads, cfg.dim_head
-        self.to_q = nn.Linear(cfg.dim, cfg.heads * cfg.dim_head)
-        self.to_kv = nn.Linear(cfg.dim, 2 * cfg.heads * cfg.dim_head)
-        self.to_out = nn.Linear(cfg.heads * cfg.dim_head, cfg.dim)
+        self.to_q = Linear(cfg.dim, cfg.heads * cfg.dim_head)
+        self.to_kv = Linear(cfg.dim, 2 * cfg.heads * cfg.dim_head)
+        self.to_out = Linear(cfg.heads * cfg.dim_head, cfg.dim)
         self.drop = nn.Dropout(cfg.dropout)
         if cfg.cross_attention == "favor":
             self.register_buffer("projection", torch.zeros(cfg.nb_features, cfg.dim_head))
@@ -383,8 +405,8 @@ class FeedForward(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.chunks = cfg.ff_chunks
-        self.net = nn.Sequential(nn.Linear(cfg.dim, cfg.dim * cfg.ff_mult), nn.GELU(), nn.Dropout(cfg.dropout),
-                                 nn.Linear(cfg.dim * cfg.ff_mult, cfg.dim))
+        self.net = nn.Sequential(Linear(cfg.dim, cfg.dim * cfg.ff_mult), nn.GELU(), nn.Dropout(cfg.dropout),
+                                 Linear(cfg.dim * cfg.ff_mult, cfg.dim))
 
     def init_state(self, b, device, dtype, capacity):
         return {}
@@ -527,7 +549,7 @@ class MusicTransformer(nn.Module):
             blocks.append(ReversibleBlock(Residual(cfg, CrossAttention(cfg), shift=False), Residual(cfg, FeedForward(cfg), shift=False)))
         self.blocks = nn.ModuleList(blocks)
         self.norm = nn.LayerNorm(cfg.dim)
-        self.head = nn.Linear(cfg.dim, cfg.n_q * cfg.vocab)   # the n_q output heads, as one matmul
+        self.head = Linear(cfg.dim, cfg.n_q * cfg.vocab)   # the n_q output heads, as one matmul
         for emb in self.embed:
             nn.init.normal_(emb.weight, std=cfg.n_q ** -0.5)
         self.redraw_features(0)
@@ -547,11 +569,11 @@ class MusicTransformer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def _embed(self, tokens, positions):
-        """tokens (B, n_q, T) at `positions` (T,) → (B, T, dim), and the rotary table (T, dim_head)."""
+        """tokens (B, n_q, T) at `positions` (T,) → (B, T, dim), and the rotary table."""
         x = sum(emb(tokens[:, k]) for k, emb in enumerate(self.embed))
         if self.cfg.positions == "absolute":
             x = x + sinusoid(positions, self.cfg.dim).to(x.dtype)
-        return self.drop(x), sinusoid(positions, self.cfg.dim_head)
+        return self.drop(x), rotary_table(positions, self.cfg.dim_head)
 
     def _logits(self, x):
         x = self.norm(x)
@@ -592,7 +614,7 @@ class MusicTransformer(nn.Module):
         """Run a prompt (B, n_q, T) through the chunked (parallel) form, writing the state it ends in;
         returns the last position's logits (B, n_q, vocab)."""
         x, rot = self._embed(tokens, torch.arange(tokens.shape[-1], device=tokens.device))
-        ctx = dict(rotary=rot, text=self.text_proj(text), text_mask=text_mask)
+        ctx = dict(rotary=rot, text=self.text_proj(text.to(self.text_proj.weight.dtype)), text_mask=text_mask)
         x1 = x2 = x
         for block, layer_state in zip(self.blocks, state["layers"]):
             x1, x2 = block(x1, x2, ctx, layer_state)
@@ -638,18 +660,28 @@ def sample_next(logits, top_k, top_p, temperature, generator):
 
 
 class Decoder:
-    """prefill() and step() of a model on one fixed-shape state. mode: eager, or graph (CUDA only: the
-    step is captured once as a CUDA graph and replayed, so a step costs one launch instead of hundreds)."""
+    """prefill() and step() of a model on one fixed-shape state. mode: eager; compile (torch.compile of
+    the step: its hundreds of small operations fused, the CPU's fastest); graph (CUDA: the step captured
+    once as a CUDA graph and replayed, one launch instead of hundreds)."""
 
     def __init__(self, model, batch, device, mode="eager"):
         self.model, self.mode = model, mode
         self.state = model.init_state(batch, device, next(model.parameters()).dtype)
         self.graph = None
+        if mode == "compile":
+            self.step_fn = torch.compile(model.step, fullgraph=True, dynamic=False)
 
     def prefill(self, tokens, text, text_mask):
         return self.model.prefill(tokens, text, text_mask, self.state)
 
     def step(self, tokens):
+        if self.mode == "compile":
+            try:
+                return self.step_fn(tokens, self.state)
+            except Exception as e:   # no C++ compiler, an unsupported platform: say so loudly, go on eager
+                print(f"\n*** decode=compile failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:120]}); "
+                      "decoding eager instead, about twice as slow ***\n", file=sys.stderr)
+                self.mode = "eager"
         if self.mode != "graph":
             return self.model.step(tokens, self.state)
         if self.graph is None:
@@ -672,6 +704,17 @@ class Decoder:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = self.model.step(self.tokens, self.state)
+
+
+def decode_mode(requested, device, steps):
+    """auto: a CUDA graph on a GPU; on a CPU, torch.compile for pieces long enough to repay its
+    compilation (about a minute on 2 cores), else eager."""
+    if requested != "auto":
+        return requested
+    if str(device).startswith("cuda"):
+        return "graph"
+    import shutil
+    return "compile" if steps >= 4500 and (shutil.which("g++") or shutil.which("c++")) else "eager"
 
 
 def _state_tensors(state):

@@ -279,3 +279,12 @@ def test_an_interrupted_piece_is_kept_under_a_name_that_says_so(ckpt, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["x.partial.wav", "x.wav"]          # no .json: nothing looks finished
     audio, sr = sf.read(partial)                                               # what was made can be listened to
     assert sr == 48_000 and len(audio) >= 48_000
+
+
+def test_compiled_decoding_equals_eager():
+    """decode=compile (torch.compile of the step, what a CPU uses for long pieces) samples the same codes."""
+    net = open_tiny("delay")
+    kwargs = dict(steps=30, device="cpu", seed=2, top_k=50, cfg=2.0)
+    eager = M.sample(net, stub_text_encoder, ["a", "b"], mode="eager", **kwargs)
+    compiled = M.sample(net, stub_text_encoder, ["a", "b"], mode="compile", **kwargs)
+    assert torch.equal(eager, compiled)
