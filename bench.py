@@ -1,8 +1,8 @@
 """
 Measure everything in one run and write the tables to BENCHMARKS.md (appending a section for this machine).
 
-    python bench.py                      # default model, seq_len 1500 / 4500 / 9000, on cuda if available
-    python bench.py --device=cpu --cap_seconds=300
+    python bench.py                      # everything, on cuda if available
+    python bench.py --parts=decode,long  # only some tables
 
 Training figures are one optimizer step (forward + backward + AdamW) at batch 1, each configuration in a
 fresh process so that peak memory is its own. performer-pytorch's Performer is built in the reference
@@ -21,10 +21,18 @@ import common
 
 # -----------------------------------------------------------------------------
 device = "auto"             # auto (cuda when available), cpu, cuda
+parts = "train,memory,decode,long,long_ce,generate,encode"   # which measurements to run
 seq_lens = "1500,4500,9000" # training lengths to measure
 cap_seconds = 300           # stop a single measurement that runs longer than this
-decode_steps = 1500         # decoding and generation length (1500 = 10 s of audio)
+decode_steps = 1500         # generation length (1500 = 10 s of audio)
+rounds = 7                  # interleaved rounds of the decode-step measurement
+modes = ""                  # decode modes to compare (empty: eager and compile on a CPU, eager and graph on a GPU)
+long_steps = 200            # steps measured at each position of a long piece
+long_ce_steps = 600         # training steps of each small model in the beyond-the-training-length measurement
+encode_clips = 8            # clips of 10 s in the encode comparison
+compress_clips = 240        # synthetic clips for compress.py end to end
 memory_seq_len = 4500       # seq_len of the memory-versus-depth table
+depths = "3,6,12"           # depths of the memory table
 output = "BENCHMARKS.md"
 part = ""                   # internal: run one measurement and print it as JSON
 impl = "favor"              # internal: favor | softmax | performer
@@ -166,160 +174,430 @@ def run_part(args, cap):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def weight_read_rate(dev):
+    """Bytes per second a large fp32 matrix-vector product reads: the memory limit of a decode step."""
+    w = torch.randn(8192, 8192, device=dev)
+    x = torch.randn(8192, device=dev)
+    times = []
+    for _ in range(12):
+        sync(dev)
+        t = time.perf_counter()
+        for _ in range(4):
+            w @ x
+        sync(dev)
+        times.append((time.perf_counter() - t) / 4)
+    return w.numel() * 4 / sorted(times)[len(times) // 2]
+
+
+def step_weight_bytes(net):
+    """fp32 bytes of the weights one decode step reads: every linear layer but the text's projections."""
+    import model as M
+    skip = {net.text_proj} | {b.f.layer.to_kv for b in net.blocks if isinstance(b.f.layer, M.CrossAttention)}
+    return sum(m.weight.numel() * 4 for m in net.modules() if isinstance(m, torch.nn.Linear) and m not in skip)
+
+
+def random_text(texts, device):
+    return torch.randn(len(texts), 16, 384, device=device), torch.ones(len(texts), 16, dtype=torch.bool, device=device)
+
+
+def decoding_copy(net, dtype, dev):
+    import copy
+    out = copy.deepcopy(net).to(dev)
+    for p in out.parameters():
+        p.data = p.data.to(dtype)
+    return out
+
+
 def decode_part(c, dev):
-    """Recurrent decoding of `decode_steps` steps at batch 1 vs re-feeding the whole sequence each step
-    (re-feeding measured for its first 150 steps, and its full cost integrated from single forwards)."""
-    import generate
-    net = our_model(dict(dropout=0.0), dev).eval()
-    text_encoder = lambda texts, device: (torch.randn(len(texts), 16, 384, device=device),
-                                          torch.ones(len(texts), 16, dtype=torch.bool, device=device))
-    result = {}
-    sync(dev)
-    t = time.time()
-    generate.sample_codes(net, text_encoder, ["x"], c["decode_steps"], dev, cfg=1.0, progress=False)
-    sync(dev)
-    result["recurrent_s"] = time.time() - t
-    short = 150
-    t = time.time()
-    generate.sample_codes(net, text_encoder, ["x"], short, dev, cfg=1.0, progress=False)
-    sync(dev)
-    result["recurrent_150_s"] = time.time() - t
-    t = time.time()
-    generate.sample_codes(net, text_encoder, ["x"], short, dev, cfg=1.0, refeed=True, progress=False)
-    sync(dev)
-    result["refeed_150_s"] = time.time() - t
-    # a full re-fed run costs Σ_t forward(t): integrate measured forwards at a few lengths
-    lengths = [1, c["decode_steps"] // 4, c["decode_steps"] // 2, 3 * c["decode_steps"] // 4, c["decode_steps"]]
-    costs = []
-    text, mask = text_encoder(["x"], dev)
+    """ms per decode step of the default model: eager / compiled (CPU) or CUDA graph, fp32 / bf16 weights,
+    batch 1 / 2 (guidance), measured in interleaved rounds against the weight-read limit measured between
+    them; bf16's effect on the logits; recurrent decoding against re-feeding the sequence."""
+    import model as M
+    torch.manual_seed(0)
+    base = our_model(dict(dropout=0.0), "cpu").eval()
+    wbytes = step_weight_bytes(base)
+    modes = c["modes"].split(",") if c["modes"] else ["eager", "graph"] if dev.startswith("cuda") else ["eager", "compile"]
+    runs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        net = decoding_copy(base, dtype, dev)
+        for mode in modes:
+            for b in (1, 2):
+                decoder = M.Decoder(net, b, dev, mode)
+                tokens = torch.randint(0, 1024, (b, 4, 8), device=dev)
+                decoder.prefill(tokens, *random_text(["x"] * b, dev))
+                t = time.time()
+                decoder.step(tokens[..., 0])
+                runs[(str(dtype)[6:], mode, b)] = dict(decoder=decoder, tokens=tokens[..., 0], setup_s=time.time() - t, times=[])
+    limits = []
+    for _ in range(c["rounds"]):
+        limits.append(wbytes / weight_read_rate(dev))
+        for r in runs.values():
+            for _ in range(3):
+                r["decoder"].step(r["tokens"])
+            sync(dev)
+            t = time.perf_counter()
+            for _ in range(20):
+                r["decoder"].step(r["tokens"])
+            sync(dev)
+            r["times"].append((time.perf_counter() - t) / 20)
+    median = lambda v: sorted(v)[len(v) // 2]
+    out = dict(limit_ms=1e3 * median(limits), weight_mb=wbytes / 1e6,
+               steps={"/".join(map(str, k)): dict(ms=1e3 * median(r["times"]), setup_s=r["setup_s"]) for k, r in runs.items()})
+    # bf16 against fp32 on the same 300 teacher-forced steps
+    fp32, bf16 = decoding_copy(base, torch.float32, dev), decoding_copy(base, torch.bfloat16, dev)
+    tokens = torch.randint(0, 1024, (1, 4, min(300, c["decode_steps"])), device=dev)
+    text = random_text(["x"], dev)
+    with torch.no_grad():
+        a, b_ = fp32(tokens, *text).float(), bf16.forward(tokens, text[0].bfloat16(), text[1]).float()
+    kl = torch.nn.functional.kl_div(b_.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="none").sum(-1)
+    out["bf16"] = dict(max_abs=float((a - b_).abs().max()), mean_kl=float(kl.mean()),
+                       top1=float((a.argmax(-1) == b_.argmax(-1)).float().mean()))
+    # recurrent vs re-feeding: the first 150 steps of a piece, and the whole cost of re-feeding decode_steps
+    net = decoding_copy(base, torch.float32, dev)
+    out["refeed_steps"] = short = min(150, c["decode_steps"])
+    for name, refeed in (("recurrent_150_s", False), ("refeed_150_s", True)):
+        sync(dev)
+        t = time.time()
+        M.sample(net, random_text, ["x"], short, dev, cfg=1.0, refeed=refeed)
+        sync(dev)
+        out[name] = time.time() - t
+    costs, lengths = [], [1, c["decode_steps"] // 2, c["decode_steps"]]
     with torch.no_grad():
         for n in lengths:
             tokens = torch.randint(0, 1024, (1, 4, n), device=dev)
-            net(tokens, text, mask)
+            net(tokens, *text)
             sync(dev)
             t = time.time()
-            net(tokens, text, mask)
+            net(tokens, *text)
             sync(dev)
             costs.append(time.time() - t)
-    result["refeed_estimate_s"] = sum((lengths[i + 1] - lengths[i]) * (costs[i] + costs[i + 1]) / 2 for i in range(len(lengths) - 1))
-    return result
+    out["refeed_total_s"] = sum((lengths[i + 1] - lengths[i]) * (costs[i] + costs[i + 1]) / 2 for i in range(len(lengths) - 1))
+    # the codec's share of real time: decoding one 1 s segment
+    codec = common.load_codec("untrained", "", 0, 6.0, dev)
+    stream = common.SegmentStream(codec, 0.1)
+    codes = torch.randint(0, 1024, (1, 4, 150), device=dev)
+    with torch.no_grad():
+        stream.push(codes)
+        sync(dev)
+        t = time.perf_counter()
+        for _ in range(5):
+            stream.push(codes)
+        sync(dev)
+    out["codec_ms_per_second"] = 1e3 * (time.perf_counter() - t) / 5
+    return out
+
+
+def long_part(c, dev):
+    """ms per step and memory at 30 s, 3 min and 10 min into a piece (the position set directly: a step's
+    work depends on it only through the rotary angles and the ring slot): the state carried on (relative
+    positions) and windows (absolute positions: one re-prefill of max_len - stride steps per stride, its
+    cost spread over the stride's steps)."""
+    import model as M
+    torch.manual_seed(0)
+    mode = "graph" if dev.startswith("cuda") else "eager"
+    out = {}
+    for positions in ("relative", "absolute"):
+        net = our_model(dict(dropout=0.0, positions=positions), dev).eval()
+        decoder = M.Decoder(net, 2, dev, mode)
+        text = random_text(["x", ""], dev)
+        tokens = torch.randint(0, 1024, (2, 4, 1800), device=dev)       # the context a window re-prefills (12 s)
+        sync(dev)
+        t = time.time()
+        decoder.prefill(tokens, *text)
+        sync(dev)
+        prefill_s = time.time() - t
+        for seconds in (30, 180, 600):
+            if positions == "relative":
+                decoder.state["pos"].fill_(seconds * common.FRAME_RATE)
+            else:
+                decoder.prefill(tokens, *text)
+            for _ in range(3):
+                decoder.step(tokens[..., 0])
+            if dev.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+            sync(dev)
+            t = time.perf_counter()
+            for _ in range(c["long_steps"]):
+                decoder.step(tokens[..., 0])
+            sync(dev)
+            ms = 1e3 * (time.perf_counter() - t) / c["long_steps"]
+            if positions == "absolute":      # each stride of 2700 steps also pays one re-prefill
+                ms += 1e3 * prefill_s / 2700
+            out[f"{positions}/{seconds}"] = dict(ms=ms, mem_gib=peak_memory_gib(dev) if dev.startswith("cuda") else current_memory_gib(dev))
+    return out
+
+
+def long_ce_part(c, dev):
+    """Cross-entropy on steps beyond the training length against steps within it, for small models trained
+    here on synthetic music-like codes (each clip walks a 'key' of 8 codes per codebook, new clips at every
+    step, so the key must be read from the context): relative positions carrying the state on, absolute
+    positions carrying on (out of distribution) and by windows."""
+    import model as M
+    seq, long = 300, 1200
+
+    def clip(seed, length):
+        g = torch.Generator().manual_seed(seed)
+        out = torch.empty(4, length, dtype=torch.long)
+        for k in range(4):
+            key = torch.randperm(64, generator=g)[:8]
+            out[k] = key[torch.cumsum(torch.randint(1, 3, (length,), generator=g), 0) % 8]
+        return out
+    val = torch.stack([clip(10**9 + i, long) for i in range(16)]).to(dev)
+    text = lambda b: (torch.zeros(b, 1, 24, device=dev), torch.ones(b, 1, dtype=torch.bool, device=dev))
+
+    def train(positions):
+        torch.manual_seed(0)
+        cfg = M.ModelConfig(dim=96, depth=2, heads=4, dim_head=24, nb_features=32, local_window=16, text_dim=24, dropout=0.0,
+                            max_len=seq, positions=positions, vocab=64)
+        net = M.MusicTransformer(cfg).to(dev)
+        opt = torch.optim.AdamW(net.parameters(), lr=3e-3, betas=(0.9, 0.95))
+        schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=c["long_ce_steps"], pct_start=0.1)
+        for step in range(c["long_ce_steps"]):       # fresh clips every step: the key must be read from the context
+            codes = torch.stack([clip(8 * step + j, seq) for j in range(8)]).to(dev)
+            loss, _ = net.loss(M.inputs_from_targets(codes, 64), codes, *text(8))
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            opt.step()
+            schedule.step()
+        net.final_train_loss = loss.item()
+        return net.eval()
+
+    @torch.no_grad()
+    def ce(net, windows=None):
+        def score(codes):
+            logits = net(M.inputs_from_targets(codes, 64), *text(codes.shape[0]))
+            return torch.nn.functional.cross_entropy(logits.flatten(0, 2), codes.flatten(), reduction="none").view(codes.shape).mean((0, 1))
+        if windows is None:
+            return score(val)
+        span, stride = windows
+        out, start, done = torch.empty(long, device=dev), 0, 0
+        while done < long:
+            end = min(long, start + span)
+            out[done:end] = score(val[..., start:end])[done - start:]
+            done, start = end, end - (span - stride)
+        return out
+    out = {}
+    for positions in ("relative", "absolute"):
+        net = train(positions)
+        runs = [("carry on", None)] + ([("windows", (seq, 180))] if positions == "absolute" else [])
+        for how, windows in runs:
+            v = ce(net, windows)
+            out[f"{positions}/{how}"] = [net.final_train_loss, float(v[:seq].mean()), float(v[seq:2 * seq].mean()),
+                                         float(v[2 * seq:].mean())]
+    return out
 
 
 def generate_part(c, dev):
-    """decode_steps per prompt, end to end (tokens with cfg 3 + codec decode + MP3) at batch 1 and 4."""
+    """generate.py's path end to end (tokens with cfg 3, streamed codec decode, MP3 written as it is made),
+    decode_steps per prompt at batch 1 and 4, and the time until the first second of audio is on disk."""
     import tempfile
     import generate
+    import model as M
     net = our_model(dict(dropout=0.0), dev).eval()
-    text_encoder = lambda texts, device: (torch.randn(len(texts), 16, 384, device=device),
-                                          torch.ones(len(texts), 16, dtype=torch.bool, device=device))
-    codec = common.load_codec("untrained", "", 0, 6.0, dev)   # the same architecture as the pretrained codec
+    codec = common.load_codec("untrained", "", 0, 6.0, dev)
+    mode = M.decode_mode("auto", dev, c["decode_steps"])
     result = {}
     for batch in (1, 4):
-        sync(dev)
-        t = time.time()
-        codes = generate.sample_codes(net, text_encoder, ["x"] * batch, c["decode_steps"], dev, cfg=3.0, progress=False)
-        sync(dev)
-        t_tokens = time.time() - t
-        audio = generate.codes_to_audio(codec, codes, 0.1)
         with tempfile.TemporaryDirectory() as tmp:
-            for i, wav in enumerate(audio):
-                common.write_audio(os.path.join(tmp, f"{i}.mp3"), wav)
-        result[f"batch{batch}"] = dict(tokens_s=t_tokens, total_s=time.time() - t)
+            writers = [common.AudioWriter(os.path.join(tmp, f"{i}.mp3")) for i in range(batch)]
+            first = {}
+            original_write = writers[0].write
+
+            def timed_write(wav, _t0=time.time()):
+                first.setdefault("s", time.time() - _t0)
+                original_write(wav)
+            writers[0].write = timed_write
+            codes = torch.full((batch, 4, c["decode_steps"]), M.UNKNOWN, dtype=torch.long, device=dev)
+            settings = dict(seed=0, top_k=250, top_p=1.0, temperature=1.0, cfg=3.0, gain_db=0.0)
+            sync(dev)
+            t = time.time()
+            generate.stream_pieces(net, random_text, ["x"] * batch, codes, codec, 0.1, writers, settings, 2700, mode)
+            for w in writers:
+                w.close()
+            sync(dev)
+            result[f"batch{batch}"] = dict(total_s=time.time() - t, first_audio_s=first["s"], mode=mode)
     return result
 
 
-def codec_part(c, dev):
+def encode_part(c, dev):
+    """Encodec 48 kHz encode: the package's loop and all segments batched, audio-seconds per second, side by
+    side in interleaved rounds (8 clips of 10 s); and compress.py end to end on synthetic clips."""
+    import shutil
+    import tempfile
+    import compress
+    import example
+    import soundfile as sf
     codec = common.load_codec("untrained", "", 0, 6.0, dev)
-    wav = torch.randn(4, 2, common.clip_samples(10), device=dev) * 0.1
-    with torch.no_grad():
-        common.encode_clips(codec, wav[:1])
+    g = torch.Generator().manual_seed(0)
+    clips = [torch.randn(2, common.clip_samples(10), generator=g).to(dev) * 0.1 for _ in range(c["encode_clips"])]
+    seconds = sum(x.shape[-1] for x in clips) / common.SAMPLE_RATE
+    times = {"loop": [], "batched": []}
+    with torch.inference_mode():
+        for _ in range(max(1, c["rounds"] // 2)):
+            for path in times:
+                sync(dev)
+                t = time.time()
+                common.encode_clips(codec, clips, batched=path == "batched")
+                sync(dev)
+                times[path].append(time.time() - t)
+        decode_t = time.time()
+        codes = [code for code, _ in common.encode_clips(codec, clips[:2])]
+        common.decode_codes(codec, torch.stack(codes), 0.1)
         sync(dev)
+        decode_rate = len(codes) * 10 / (time.time() - decode_t)
+    out = {k: seconds / min(v) for k, v in times.items()}
+    out["decode_x"] = decode_rate
+    folder = tempfile.mkdtemp()
+    try:
+        for i in range(c["compress_clips"]):
+            sf.write(os.path.join(folder, f"{i:04d}.wav"),
+                     example.synth_clip(example.KINDS[i % 3], "major" if i % 2 else "minor", "fast", seconds=5.0, seed=i), 48_000)
         t = time.time()
-        codes, scales = common.encode_clips(codec, wav)
-        sync(dev)
-        enc = time.time() - t
-        t = time.time()
-        common.decode_codes(codec, codes, scales)
-        sync(dev)
-        dec = time.time() - t
-    seconds = 4 * wav.shape[-1] / common.SAMPLE_RATE
-    return dict(encode_x_realtime=seconds / enc, decode_x_realtime=seconds / dec)
+        compress.main(["--input", folder, "--output", os.path.join(folder, "out"), "--codec=untrained", "--clip_seconds=5",
+                       f"--device={dev}", "--num_workers=2", "--check_codec=0"])
+        out["compress_s"] = time.time() - t
+        out["compress_audio_s"] = c["compress_clips"] * 5.0
+    finally:
+        shutil.rmtree(folder)
+    return out
 
 
 def machine(dev):
     if dev.startswith("cuda"):
-        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16 autocast"
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, float32"
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def table(rows):
+    return ["| " + " | ".join(map(str, r)) + " |" for r in [rows[0], ["---"] * len(rows[0])] + rows[1:]]
 
 
 def main(argv):
     c = common.parse_settings(common.settings(globals()), argv)
     dev = common.pick_device(c["device"])
     if c["part"]:
-        fn = {"train": train_step_part, "decode": decode_part, "generate": generate_part, "codec": codec_part}[c["part"]]
+        fn = {"train": train_step_part, "decode": decode_part, "long": long_part, "long_ce": long_ce_part,
+              "generate": generate_part, "encode": encode_part}[c["part"]]
         print(json.dumps(fn(c, dev)))
         return 0
+    parts = c["parts"].split(",")
+    unknown = set(parts) - {"train", "memory", "decode", "long", "long_ce", "generate", "encode"}
+    if unknown:
+        raise common.UserError(f"parts: unknown {', '.join(sorted(unknown))}; use train, memory, decode, long, long_ce, generate, encode")
     command = "python bench.py " + " ".join(argv)
-    rate = matmul_rate(dev)
+    rate, read = matmul_rate(dev), weight_read_rate(dev)
     cap = c["cap_seconds"]
-    print(f"{machine(dev)}; matmul {rate / 1e9:.0f} GFLOP/s", flush=True)
-    lines = [f"\n## {machine(dev)}\n", f"Command: `{command.strip()}`. Measured matmul rate: {rate / 1e9:,.0f} GFLOP/s "
-             f"({'bf16' if dev.startswith('cuda') else 'fp32'}). MFU = useful FLOPs (6·params·T + attention) / time / that rate.\n"]
+    print(f"{machine(dev)}; matmul {rate / 1e9:.0f} GFLOP/s; weight reads {read / 1e9:.1f} GB/s", flush=True)
+    lines = [f"\n## {machine(dev)}\n", f"Command: `{command.strip()}`. Measured here: matmul {rate / 1e9:,.0f} GFLOP/s "
+             f"({'bf16' if dev.startswith('cuda') else 'fp32'}); a large fp32 matrix-vector product reads weights at "
+             f"{read / 1e9:.1f} GB/s. MFU = useful FLOPs (6·params·T + attention) / time / that matmul rate.\n"]
+    sub = lambda args, limit=cap: run_part(dict(args, device=dev, **{k: c[k] for k in ("decode_steps", "rounds", "modes", "long_steps",
+                                                                                       "long_ce_steps", "encode_clips", "compress_clips")}), limit)
 
-    lines += ["### Training step (forward + backward + AdamW), batch 1\n",
-              "| seq_len | ours (FAVOR+) | ours, attention=softmax | performer-pytorch reference | ours vs reference |",
-              "|---|---|---|---|---|"]
-    for t in map(int, c["seq_lens"].split(",")):
-        cells, rows = [], {}
-        for name in ("favor", "softmax", "performer"):
-            r = run_part(dict(part="train", impl=name, seq_len=t, device=dev), cap)
-            rows[name] = r
-            if "seconds" in r:
-                cells.append(f"{r['seconds']:.2f} s, {r['peak_gib']:.2f} GiB, MFU {r['flops'] / r['seconds'] / rate:.0%}")
-            else:
-                cells.append(f"stopped: over {cap} s" if r.get("capped") else f"failed: {r['error']}")
-            print(t, name, cells[-1], flush=True)
-        ratio = (f"{rows['performer']['seconds'] / rows['favor']['seconds']:.1f}× faster" if "seconds" in rows["performer"]
-                 else f"> {cap / rows['favor']['seconds']:.0f}× faster" if rows["performer"].get("capped") and "seconds" in rows["favor"] else "–")
-        lines.append(f"| {t} | " + " | ".join(cells) + f" | {ratio} |")
-    lines.append("\nEach cell: seconds per step, peak memory (GPU: allocated; CPU: process peak RSS), MFU.\n")
+    if "train" in parts:
+        lines += ["### Training step (forward + backward + AdamW), batch 1\n",
+                  "| seq_len | ours (FAVOR+) | ours, attention=softmax | performer-pytorch reference | ours vs reference |",
+                  "|---|---|---|---|---|"]
+        for t in map(int, c["seq_lens"].split(",")):
+            cells, rows = [], {}
+            for name in ("favor", "softmax", "performer"):
+                r = sub(dict(part="train", impl=name, seq_len=t))
+                rows[name] = r
+                if "seconds" in r:
+                    cells.append(f"{r['seconds']:.2f} s, {r['peak_gib']:.2f} GiB, MFU {r['flops'] / r['seconds'] / rate:.0%}")
+                else:
+                    cells.append(f"stopped: over {cap} s" if r.get("capped") else f"failed: {r['error']}")
+                print(t, name, cells[-1], flush=True)
+            ratio = (f"{rows['performer']['seconds'] / rows['favor']['seconds']:.1f}× faster" if "seconds" in rows["performer"]
+                     else f"> {cap / rows['favor']['seconds']:.0f}× faster" if rows["performer"].get("capped") and "seconds" in rows["favor"] else "–")
+            lines.append(f"| {t} | " + " | ".join(cells) + f" | {ratio} |")
+        lines.append("\nEach cell: seconds per step, peak memory (GPU: allocated; CPU: process peak RSS), MFU.\n")
 
-    lines += [f"### Memory at seq_len {c['memory_seq_len']} (ours, FAVOR+): activation memory of a training step\n",
-              "| depth | parameters | reversible | not reversible |", "|---|---|---|---|"]
-    for d in (3, 6, 12):
-        cells = []
-        for rev in (True, False):
-            r = run_part(dict(part="train", impl="favor", seq_len=c["memory_seq_len"], depth=d, reversible=rev, device=dev), cap)
-            cells.append(f"{r['activation_gib']:.2f} GiB (peak {r['peak_gib']:.2f} GiB, {r['seconds']:.1f} s)" if "seconds" in r else "–")
-            params = f"{r['params'] / 1e6:.1f} M" if "params" in r else "–"
-        print("depth", d, cells, flush=True)
-        lines.append(f"| {d} | {params} | {cells[0]} | {cells[1]} |")
-    lines.append("\nActivation memory = peak during the step − memory resident before it − the gradients.\n")
+    if "memory" in parts:
+        lines += [f"### Memory at seq_len {c['memory_seq_len']} (ours, FAVOR+): activation memory of a training step\n",
+                  "| depth | parameters | reversible | not reversible |", "|---|---|---|---|"]
+        for d in map(int, c["depths"].split(",")):
+            cells, params = [], "–"
+            for rev in (True, False):
+                r = sub(dict(part="train", impl="favor", seq_len=c["memory_seq_len"], depth=d, reversible=rev))
+                cells.append(f"{r['activation_gib']:.2f} GiB (peak {r['peak_gib']:.2f} GiB, {r['seconds']:.1f} s)" if "seconds" in r else "–")
+                params = f"{r['params'] / 1e6:.1f} M" if "params" in r else params
+            print("depth", d, cells, flush=True)
+            lines.append(f"| {d} | {params} | {cells[0]} | {cells[1]} |")
+        lines.append("\nActivation memory = peak during the step − memory resident before it − the gradients.\n")
 
-    r = run_part(dict(part="decode", device=dev, decode_steps=c["decode_steps"]), cap * 3)
-    lines += [f"\n### Decoding {c['decode_steps']} steps ({c['decode_steps'] / 150:g} s of audio), batch 1, default model\n",
-              "| method | time | |", "|---|---|---|"]
-    if "recurrent_s" in r:
-        lines += [f"| recurrent state (prefill + step) | {r['recurrent_s']:.1f} s | {c['decode_steps'] / r['recurrent_s']:.0f} steps/s |",
-                  f"| re-feeding the sequence, first 150 steps | {r['refeed_150_s']:.1f} s | recurrent: {r['recurrent_150_s']:.1f} s, "
-                  f"{r['refeed_150_s'] / r['recurrent_150_s']:.1f}× faster |",
-                  f"| re-feeding, all {c['decode_steps']} steps (Σ of measured forwards) | {r['refeed_estimate_s']:.0f} s | "
-                  f"recurrent {r['refeed_estimate_s'] / r['recurrent_s']:.0f}× faster |"]
-    print("decode", r, flush=True)
+    if "decode" in parts:
+        r = sub(dict(part="decode"), cap * 4)
+        print("decode", r, flush=True)
+        if "steps" in r:
+            limit = r["limit_ms"]
+            lines += [f"### A decode step of the default model ({r['weight_mb']:.0f} MB of fp32 weights read per step)\n",
+                      f"Limit: those bytes / the weight-read rate, measured between the rounds: **{limit:.2f} ms**. "
+                      f"Each figure is the median of {c['rounds']} interleaved rounds of 20 steps.\n"]
+            rows = [["weights", "decode", "batch 1 (no guidance)", "batch 2 (guidance)", "guidance costs", "setup (compile / capture)"]]
+            for key in sorted({k.rsplit("/", 1)[0] for k in r["steps"]}):
+                one, two = r["steps"][f"{key}/1"], r["steps"][f"{key}/2"]
+                rows.append([*key.split("/"), f"{one['ms']:.2f} ms = {one['ms'] / limit:.2f}× limit",
+                             f"{two['ms']:.2f} ms = {two['ms'] / limit:.2f}× limit", f"{two['ms'] / one['ms']:.2f}× batch 1",
+                             f"{one['setup_s']:.0f} s"])
+            lines += table(rows)
+            best = min(v["ms"] for k, v in r["steps"].items() if k.endswith("/1"))
+            per_second = best * common.FRAME_RATE + r["codec_ms_per_second"]
+            lines += ["", f"bf16 weights against fp32 on {min(300, c['decode_steps'])} teacher-forced steps: largest logit difference {r['bf16']['max_abs']:.3f}, "
+                      f"mean KL(fp32 ‖ bf16) {r['bf16']['mean_kl']:.2e} nats, same most likely code {r['bf16']['top1']:.1%} of the time.", "",
+                      f"Real time at batch 1 with the fastest step ({best:.2f} ms): 150 steps + the codec's "
+                      f"{r['codec_ms_per_second']:.0f} ms per second of audio = {per_second:.0f} ms per second: "
+                      f"**{1000 / per_second:.2f}× real time**.", "",
+                      f"Recurrent decoding against re-feeding the sequence (fp32, eager): first {r['refeed_steps']} steps {r['recurrent_150_s']:.1f} s "
+                      f"against {r['refeed_150_s']:.1f} s ({r['refeed_150_s'] / r['recurrent_150_s']:.0f}× faster); re-feeding all "
+                      f"{c['decode_steps']} steps would take {r['refeed_total_s']:.0f} s (Σ of measured forwards).\n"]
 
-    r = run_part(dict(part="generate", device=dev, decode_steps=c["decode_steps"]), cap * 3)
-    lines += [f"\n### generate.py end to end: {c['decode_steps'] / 150:g} s per prompt (tokens with cfg 3, Encodec decode, MP3)\n",
-              "| prompts | tokens | total |", "|---|---|---|"]
-    for b in (1, 4):
-        if f"batch{b}" in r:
-            lines.append(f"| {b} | {r[f'batch{b}']['tokens_s']:.1f} s | {r[f'batch{b}']['total_s']:.1f} s |")
-    print("generate", r, flush=True)
+    if "long" in parts:
+        r = sub(dict(part="long"), cap * 4)
+        print("long", r, flush=True)
+        if "relative/30" in r:
+            lines += ["### Long pieces: cost per step at 30 s, 3 min and 10 min (default model, guidance, eager)\n"]
+            rows = [["", "30 s", "3 min", "10 min"]]
+            for positions, how in (("relative", "state carried on (positions=relative)"),
+                                   ("absolute", "windows of 30 s every 18 s (positions=absolute; re-prefill included)")):
+                rows.append([how] + [f"{r[f'{positions}/{s}']['ms']:.2f} ms, {r[f'{positions}/{s}']['mem_gib']:.2f} GiB"
+                                     for s in (30, 180, 600)])
+            lines += table(rows) + ["", "Memory: GPU allocated, or the CPU process's resident memory.\n"]
 
-    r = run_part(dict(part="codec", device=dev), cap)
-    if "encode_x_realtime" in r:
-        lines += ["\n### Encodec 48 kHz (batch 4 × 10 s)\n",
-                  f"Encode: {r['encode_x_realtime']:.1f} audio-seconds per second; decode: {r['decode_x_realtime']:.1f}.\n"]
-    print("codec", r, flush=True)
+    if "long_ce" in parts:
+        r = sub(dict(part="long_ce"), cap * 12)
+        print("long_ce", r, flush=True)
+        if "relative/carry on" in r:
+            lines += [f"### Beyond the training length: cross-entropy (nats) of small models trained on 300-step crops "
+                      f"({c['long_ce_steps']} steps), scored on 1200-step clips\n"]
+            rows = [["positions", "past 300 steps", "last training loss", "steps 0-299 (trained length)", "300-599", "600-1199"]]
+            for key, v in r.items():
+                rows.append([*key.split("/"), *[f"{x:.3f}" for x in v]])
+            lines += table(rows) + ["", "Uniform over a clip's 8-code key: 2.079 nats; knowing the key and the last code: 0.693.\n"]
+
+    if "generate" in parts:
+        r = sub(dict(part="generate"), cap * 4)
+        print("generate", r, flush=True)
+        if "batch1" in r:
+            lines += [f"### generate.py's path end to end: {c['decode_steps'] / 150:g} s per prompt (cfg 3, decode={r['batch1']['mode']}, "
+                      "streamed codec decode, MP3 written as it is made)\n"]
+            rows = [["prompts", "total", "real time", "first second of audio on disk after"]]
+            for b in (1, 4):
+                x = r[f"batch{b}"]
+                rows.append([b, f"{x['total_s']:.1f} s", f"{c['decode_steps'] / 150 / x['total_s']:.2f}×", f"{x['first_audio_s']:.1f} s"])
+            lines += table(rows) + [""]
+
+    if "encode" in parts:
+        r = sub(dict(part="encode"), cap * 4)
+        print("encode", r, flush=True)
+        if "loop" in r:
+            lines += [f"### Encodec 48 kHz ({c['encode_clips']} clips × 10 s, best of {max(1, c['rounds'] // 2)} interleaved rounds)\n",
+                      *table([["encode: the package's loop", "encode: all segments batched", "decode"],
+                              [f"{r['loop']:.1f} audio-s/s", f"{r['batched']:.1f} audio-s/s ({r['batched'] / r['loop']:.2f}×)",
+                               f"{r['decode_x']:.1f} audio-s/s"]]),
+                      "", f"compress.py end to end, {c['compress_clips']} synthetic clips of 5 s (2 reader processes, "
+                      f"encode=auto): {r['compress_s']:.0f} s = {r['compress_audio_s'] / r['compress_s']:.1f} audio-s/s.\n"]
 
     if not os.path.exists(c["output"]):
         with open(c["output"], "w") as f:

@@ -603,13 +603,41 @@ def _untrained_codec(seed):
     return model
 
 
-def encode_clips(codec, wav):
-    """wav (B, 2, clip_samples(S)) → codes (B, n_q, 150*S) int64 and scales (B, S): the encodec package's
-    own model.encode, its S full 1 s segments joined (the 480-sample tail it also returns is dropped)."""
-    frames = codec.encode(wav)[:whole_segments(wav.shape[-1])]
-    codes = torch.cat([c for c, _ in frames], dim=-1)
-    scales = torch.cat([s for _, s in frames], dim=-1)
-    return codes, scales
+def encode_clips(codec, clips, batched=False, per_call=64):
+    """Clips (a list of (2, clip_samples(S)) tensors, any lengths) → [(codes (n_q, 150·S), scales (S,))], as
+    the encodec package's model.encode gives them: each 1 s segment (one every 0.99 s) is normalised by its
+    own loudness and encoded on its own. The loudness is taken clip by clip, so it never depends on what
+    else is in the batch (the package's batched reduction can differ in the last bit).
+    batched=False: the package's loop, one segment position at a time across the clips of equal length;
+    batched=True: all segments of all clips together, per_call at a time: fewer, larger calls for a GPU."""
+    normalised, scales, owner = [], [], []        # owner: (clip, segment) of each normalised segment
+    codes = {}
+    for length in sorted({c.shape[-1] for c in clips}):
+        same = [i for i, c in enumerate(clips) if c.shape[-1] == length]
+        x = torch.stack([clips[i] for i in same])                      # (B, 2, L)
+        for j in range(whole_segments(length)):
+            frame = x[:, :, j * SEGMENT_STRIDE:j * SEGMENT_STRIDE + SAMPLE_RATE]
+            scale = torch.cat([1e-8 + f.mean(dim=1, keepdim=True).pow(2).mean(dim=2, keepdim=True).sqrt()
+                               for f in frame.split(1)])               # (B, 1, 1), one clip at a time
+            scales.append(scale.view(-1))
+            owner += [(i, j) for i in same]
+            if batched:
+                normalised.append(frame / scale)
+            else:
+                codes[j, length] = _quantise(codec, frame / scale)
+    if batched:
+        found = torch.cat([_quantise(codec, part) for part in torch.cat(normalised).split(per_call)])
+    else:
+        found = torch.cat([codes[key] for key in sorted(codes, key=lambda k: (k[1], k[0]))])
+    out = [[None] * whole_segments(c.shape[-1]) for c in clips]
+    for (i, j), code, scale in zip(owner, found, torch.cat(scales)):
+        out[i][j] = (code, scale)
+    return [(torch.cat([c for c, _ in segs], -1), torch.stack([s for _, s in segs])) for segs in out]
+
+
+def _quantise(codec, x):
+    """Normalised segments (N, 2, 48000) → codes (N, n_q, 150): the codec's encoder and quantiser."""
+    return codec.quantizer.encode(codec.encoder(x), codec.frame_rate, codec.bandwidth).transpose(0, 1)
 
 
 class SegmentStream:

@@ -44,6 +44,8 @@ bandwidth = 6.0         # kbps: 3.0, 6.0 (4 codebooks, the default), 12.0 or 24.
 batch_size = 16         # clips per codec call
 num_workers = 4         # processes that read and resample audio (0: in this process)
 shard_clips = 2000      # start a new shard after this many clips (shards end at file boundaries)
+encode = "auto"         # auto (batched on a GPU, the package's loop on a CPU: measured faster there), loop, batched
+check_codec = 8         # encode and decode this many clips spread over the data, into OUTPUT/codec_check/ (0: off)
 device = "auto"         # auto (cuda when available), cpu, cuda
 # -----------------------------------------------------------------------------
 FORMAT_VERSION = 2      # 2: per-clip file_size and file_mtime_ns, so resuming knows a file by more than its name
@@ -329,19 +331,48 @@ def encoded_files(shards, attrs):
 
 # -----------------------------------------------------------------------------
 
-def encode_batch(codec, clips, dev):
-    """Encode (2, samples) float32 arrays, those of equal length together, with the encodec package's own
-    model.encode. Returns, in order, (codes int16 (n_q, 150·S), scales float32 (S,))."""
-    out = [None] * len(clips)
-    for length in sorted({c.shape[1] for c in clips}):
-        same = [i for i, c in enumerate(clips) if c.shape[1] == length]
-        wav = torch.from_numpy(np.stack([clips[i] for i in same])).to(dev, non_blocking=True)
-        with torch.inference_mode():
-            codes, scales = common.encode_clips(codec, wav)
-        codes, scales = codes.to(torch.int16).cpu().numpy(), scales.float().cpu().numpy()
-        for k, i in enumerate(same):
-            out[i] = (codes[k], scales[k])
-    return out
+def encode_batch(codec, clips, dev, batched):
+    """Encode (2, samples) float32 arrays (see common.encode_clips; on a GPU through pinned memory).
+    Returns, in order, (codes int16 (n_q, 150·S), scales float32 (S,))."""
+    wavs = [torch.from_numpy(c) for c in clips]
+    if dev.startswith("cuda"):
+        wavs = [w.pin_memory().to(dev, non_blocking=True) for w in wavs]
+    with torch.inference_mode():
+        encoded = common.encode_clips(codec, wavs, batched)
+    return [(codes.to(torch.int16).cpu().numpy(), scales.float().cpu().numpy()) for codes, scales in encoded]
+
+
+def check_round_trip(codec, wav, codes, scales, dev, rel, out_dir, n):
+    """Decode one encoded clip, write it and the original as MP3 into out_dir/codec_check/, and return
+    (rel, signal-to-noise ratio of the round trip in dB, the decoded file's name)."""
+    original = torch.from_numpy(wav)
+    with torch.inference_mode():
+        decoded = common.decode_codes(codec, torch.from_numpy(codes).long()[None].to(dev),
+                                      torch.from_numpy(scales)[None].to(dev))[0].float().cpu()
+    noise = (original - decoded).pow(2).sum()
+    snr = float(10 * torch.log10(original.pow(2).sum() / noise.clamp_min(1e-20)))
+    folder = os.path.join(out_dir, "codec_check")
+    os.makedirs(folder, exist_ok=True)
+    name = os.path.join(folder, f"{n:02d}_{common.slug(os.path.splitext(rel)[0])}")
+    common.write_audio(f"{name}.original.mp3", original, overwrite=False)
+    return rel, snr, common.write_audio(f"{name}.codec.mp3", decoded, overwrite=False)
+
+
+def report_codec_check(checks, out_dir, codec_name):
+    """One line per checked clip and a summary that names the clips the codec handles poorly."""
+    folder = os.path.join(out_dir, "codec_check")
+    snrs = sorted(snr for _, snr, _ in checks)
+    median = snrs[len(snrs) // 2]
+    poor = [(rel, snr) for rel, snr, _ in checks if snr < median - 6.0]
+    lines = [f"{snr:6.1f} dB  {rel}  → {os.path.basename(path)}" for rel, snr, path in checks]
+    summary = (f"codec check: {len(checks)} clips encoded and decoded into {folder}: signal-to-noise median {median:.1f} dB, "
+               f"worst {snrs[0]:.1f} dB" + (f"; poor round trips (6 dB or more below the median): "
+                                            f"{', '.join(f'{r} ({s:.1f} dB)' for r, s in poor)}" if poor else ""))
+    if codec_name.startswith("untrained"):
+        summary += ". The untrained codec is random: these numbers mean nothing about the real codec"
+    common.write_json(os.path.join(folder, "summary.json"), dict(codec=codec_name, median_snr_db=median, summary=summary,
+                                                                 clips=[dict(file=r, snr_db=s, decoded=p) for r, s, p in checks]))
+    print("\n".join(["codec check (listen: *.original.mp3 against *.codec.mp3):", *lines, summary]))
 
 
 def audio_seconds(path):
@@ -366,9 +397,12 @@ def validate(cfg):
         raise UserError(f"clip_seconds={cfg['clip_seconds']} must be between 1 and 600")
     if not 0 <= cfg["min_seconds"] <= cfg["clip_seconds"]:
         raise UserError(f"min_seconds={cfg['min_seconds']} must be between 0 and clip_seconds={cfg['clip_seconds']}")
+    if cfg["encode"] not in ("auto", "loop", "batched"):
+        raise UserError(f"encode={cfg['encode']!r}: use auto, loop or batched")
     if cfg["bandwidth"] not in (3.0, 6.0, 12.0, 24.0):
         raise UserError(f"bandwidth={cfg['bandwidth']} is not one of Encodec 48 kHz's: 3.0, 6.0, 12.0, 24.0")
-    for name, low, high in (("batch_size", 1, 4096), ("num_workers", 0, 256), ("shard_clips", 1, 10**7), ("codec_seed", 0, 2**31)):
+    for name, low, high in (("batch_size", 1, 4096), ("num_workers", 0, 256), ("shard_clips", 1, 10**7), ("codec_seed", 0, 2**31),
+                            ("check_codec", 0, 10_000)):
         if not low <= cfg[name] <= high:
             raise UserError(f"{name}={cfg[name]} must be between {low} and {high}")
 
@@ -415,6 +449,7 @@ def main(argv):
         return 0
 
     codec_model = common.load_codec(cfg["codec"], cfg["codec_weights"], cfg["codec_seed"], cfg["bandwidth"], dev)
+    batched = cfg["encode"] == "batched" or (cfg["encode"] == "auto" and dev.startswith("cuda"))
     if cfg["codec"] == "untrained":
         print(f"NOTE: codec=untrained ({attrs['codec']}): random Encodec weights, for tests and demos only. "
               "Tokens are not those of the real codec, and audio decoded from them will not sound like music.")
@@ -426,17 +461,23 @@ def main(argv):
     total = sum(durations)
     bar = tqdm(total=total, unit="audio-s", dynamic_ncols=True, disable=rank != 0,
                bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s of audio encoded [{elapsed}<{remaining}{postfix}]")
-    t0 = time.time()
+    t0, busy = time.time(), Counter()   # where the time goes: encoding, waiting for the readers, writing
     pending = []         # clips read but not yet encoded: [(file entry, index, (2, samples))]
+    n_check = min(cfg["check_codec"], len(todo)) if rank == 0 else 0
+    to_check, checks = {todo[i * len(todo) // n_check] for i in range(n_check)} if n_check else set(), []
     files_open = []      # files in order, each {rel, clips: [[start, codes, scales]], summary}
 
     def encode_pending():
         if not pending:
             return
-        encoded = encode_batch(codec_model, [w for _, _, w in pending], dev)
+        t = time.time()
+        encoded = encode_batch(codec_model, [w for _, _, w in pending], dev, batched)
+        busy["encoding"] += time.time() - t
         for (entry, i, wav), (codes, scales) in zip(pending, encoded):
             entry["clips"][i][1:] = codes, scales
             entry["encoded"] += 1
+            if i == 0 and entry["rel"] in to_check:
+                checks.append(check_round_trip(codec_model, wav, codes, scales, dev, entry["rel"], out_dir, len(checks)))
             advance(entry, wav.shape[1] / SAMPLE_RATE)
         stats["encoded_seconds"] += sum(w.shape[1] for *_, w in pending) / SAMPLE_RATE
         pending.clear()
@@ -461,11 +502,18 @@ def main(argv):
                 stats["steps"] += codes.shape[1]
             stats["files"] += 1
             if len(writer) >= cfg["shard_clips"]:
+                t = time.time()
                 writer.flush()
+                busy["writing shards"] += time.time() - t
 
     try:
-        entry, durations = None, iter(durations)
-        for piece in read_in_order(jobs, cfg["num_workers"]):
+        entry, durations, pieces = None, iter(durations), read_in_order(jobs, cfg["num_workers"])
+        while True:
+            t = time.time()
+            piece = next(pieces, None)
+            busy["waiting for audio"] += time.time() - t
+            if piece is None:
+                break
             if entry is None:
                 entry = dict(rel=piece["rel"], clips=[], encoded=0, summary=None, seconds=next(durations), advanced=0.0)
                 files_open.append(entry)
@@ -490,19 +538,25 @@ def main(argv):
             write_finished()
         encode_pending()
         write_finished()
+        t = time.time()
         writer.flush()
+        busy["writing shards"] += time.time() - t
     finally:
         bar.close()
 
     hours = stats["steps"] / common.FRAME_RATE / 3600
-    print(f"done in {time.time() - t0:.0f} s: {stats['files']} files → {stats['clips']} clips, {hours:.2f} h of audio "
-          f"(codec {attrs['codec']}), shards in {out_dir}")
+    took = max(1e-9, time.time() - t0)
+    print(f"done in {took:.0f} s: {stats['files']} files → {stats['clips']} clips, {hours:.2f} h of audio "
+          f"(codec {attrs['codec']}, {stats['encoded_seconds'] / took:.1f} audio-s/s), shards in {out_dir}; time spent "
+          + ", ".join(f"{k} {v / took:.0%}" for k, v in busy.items()))
     print(f"skipped files: {sum(skipped.values())}" + "".join(f", {k}: {v}" for k, v in sorted(skipped.items())))
     print(f"dropped: {stats['dropped_remainders']} remainders shorter than min_seconds={cfg['min_seconds']}, "
           f"{stats['silent_clips']} silent clips")
     if loud:
         print(f"louder than full scale: {sum(n for _, n, _ in loud)} clips in {len(loud)} files (peak up to "
               f"{max(p for *_, p in loud):.2f}) were scaled down to peak 1.0, not clipped: {names(r for r, *_ in loud)}")
+    if checks:
+        report_codec_check(checks, out_dir, attrs["codec"])
     print(f"unlabeled files (empty text): {len(unlabeled)}" + (f": {names(unlabeled)}" if unlabeled else ""))
     if orphans:
         print(f"metadata rows that name no audio file (check spelling, folders and letter case): {len(orphans)}: "

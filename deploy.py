@@ -8,7 +8,6 @@ Train a music transformer on the .h5 shards written by compress.py.
 Effective batch = batch_size × grad_accum × number of processes. Ctrl-C or SIGTERM (a preempted VM)
 saves RUN_DIR/ckpt.pt and exits; --resume continues exactly where it stopped.
 """
-import dataclasses
 import glob
 import os
 import sys
@@ -25,7 +24,8 @@ from common import UserError
 # settings: edit here, or override on the command line as --name=value
 data = ""                   # folder of .h5 shards from compress.py
 out = "runs/music"          # run folder: ckpt.pt, metrics.jsonl, loss.png, samples/
-resume = False              # continue from out/ckpt.pt (settings come from the checkpoint, overrides on top)
+resume = False              # continue this run from out/ckpt.pt (settings come from the checkpoint, overrides on top)
+init_from = ""              # start a NEW run from the weights (and model settings) of a ckpt.pt or an export.py folder
 # model (defaults: the reference configuration)
 dim = 512                   # width of the residual stream
 depth = 6                   # reversible layers
@@ -39,7 +39,7 @@ attention = "favor"         # favor, or softmax for exact causal attention (to c
 cross_attention = "favor"   # attention to the text: favor or softmax
 pattern = "parallel"        # codebook pattern: parallel or delay (MusicGen's)
 max_len = 4500              # longest sequence the model is built for (30 s)
-positions = "absolute"      # absolute (sinusoid + rotary, the reference's) or relative (rotary on local heads only: any length)
+positions = "relative"      # relative: rotary on the local heads only, any length (BENCHMARKS.md); absolute: the reference's sinusoid + rotary
 ff_mult = 2                 # feed-forward width multiple
 ff_chunks = 2               # feed-forward computed in chunks along time, to save memory
 dropout = 0.1
@@ -64,6 +64,7 @@ lr_decay_steps = 0          # cosine length (0: max_steps); set it to stop early
 weight_decay = 0.1
 grad_clip = 1.0             # clip the gradient norm (0: off)
 max_bad_steps = 5           # stop after this many non-finite steps in a row
+ema_decay = 0.999           # EMA of the weights, used for validation, samples and generate.py (0: off)
 # watching
 log_interval = 10           # steps between log lines (metrics.jsonl)
 eval_interval = 500         # steps between validation + checkpoint + loss.png
@@ -89,8 +90,7 @@ RANGES = dict(   # what each numeric setting accepts; anything else stops with o
     grad_accum="[1, 1000000]", lr="(0, inf)", min_lr="[0, inf)", warmup_steps="[0, inf)", max_steps="[1, inf)",
     lr_decay_steps="[0, inf)", weight_decay="[0, 100]", grad_clip="[0, inf)", max_bad_steps="[1, inf)",
     log_interval="[1, inf)", eval_interval="[1, inf)", eval_clips="[1, inf)", sample_interval="[0, inf)",
-    sample_seconds="(0, 3600]", seed="[0, 4294967295]")
-MODEL_SETTINGS = [f.name for f in dataclasses.fields(M.ModelConfig) if f.name not in ("n_q", "vocab", "text_dim", "chunk_size", "seed")]
+    sample_seconds="(0, 3600]", seed="[0, 4294967295]", ema_decay="[0, 1)")
 
 
 class Shards:
@@ -155,6 +155,28 @@ def split(n, val_fraction, seed):
     n_val = int(round(n * val_fraction)) if n > 1 else 0
     n_val = min(max(n_val, 1 if val_fraction > 0 and n > 1 else 0), n - 1)
     return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+class Data(Shards):
+    """The shards with their train/validation split: what train.py's loop reads."""
+
+    def __init__(self, folder, val_fraction, seed):
+        super().__init__(folder)
+        self.train_ids, self.val_ids = split(len(self), val_fraction, seed)
+
+    def loader(self, start_step, c, rank, world, pin):
+        """This rank's micro-batches from optimizer step `start_step` on: a pure function of (seed, step)."""
+        return torch.utils.data.DataLoader(
+            Crops(self, self.train_ids, c.seq_len, c.cond_dropout, c.seed),
+            batch_sampler=StepBatches(start_step, c.max_steps, c.grad_accum, c.batch_size, rank, world),
+            collate_fn=collate, num_workers=c.num_workers, pin_memory=pin, persistent_workers=False,
+            generator=torch.Generator())   # its own generator: the model's random stream stays put
+
+    def info(self, c):
+        """What a checkpoint keeps about the data: the codec, the typical loudness, the sample prompts."""
+        texts = [t for t in dict.fromkeys(self.texts[i] for i in self.train_ids) if t][:3]
+        return dict(self.attrs, typical_scale=self.typical_scale, codec_weights=c.codec_weights, clips=len(self),
+                    sample_prompts=c.sample_prompts.split("|") if c.sample_prompts else texts or [""])
 
 
 class Crops(torch.utils.data.Dataset):
@@ -225,12 +247,54 @@ def resume_command(argv, parent_cmdline=None):
     return shlex.join(launcher + [script] + args)
 
 
+def resolve(cfg, given):
+    """The run's settings and what it starts from: (config, checkpoint to resume or None, {weights, codec}
+    to start from or None). Every mistake here stops before any work."""
+    if not cfg["data"]:
+        raise UserError("--data is missing: give the folder of .h5 shards written by compress.py")
+    if cfg["resume"] and cfg["init_from"]:
+        raise UserError("--resume continues this run from its own ckpt.pt; --init_from starts a new run from other weights: "
+                        "use one of them")
+    ckpt_path = os.path.join(cfg["out"], "ckpt.pt")
+    if not cfg["resume"] and os.path.exists(ckpt_path):
+        raise UserError(f"{cfg['out']} already holds a run (ckpt.pt): add --resume to continue it, or choose another --out"
+                        + (" (--init_from starts a new run, in a folder of its own)" if cfg["init_from"] else ""))
+    ckpt = init = None
+    if cfg["resume"]:
+        ckpt = M.load_checkpoint(ckpt_path)
+        saved = ckpt["config"]
+        changed = [k for k in given if k in M.MODEL_SETTINGS and cfg[k] != saved.get(k, ckpt["model_config"].get(k))]
+        if changed:
+            was = ", ".join(f"{k}={saved.get(k, ckpt['model_config'].get(k))}" for k in changed)
+            raise UserError(f"cannot change {', '.join(changed)} when resuming: the checkpoint's model has {was}")
+        # settings a checkpoint predates take the value that reproduces it: its model_config's (dataclass) defaults
+        model_settings = {k: v for k, v in ckpt["model_config"].items() if k in M.MODEL_SETTINGS}
+        cfg = {**cfg, **saved, **model_settings, **{k: cfg[k] for k in given}, "resume": True}
+    elif cfg["init_from"]:
+        source, info = M.load_model(cfg["init_from"])
+        shape = {k: info["model"][k] for k in M.MODEL_SETTINGS}
+        clash = [k for k in given if k in shape and cfg[k] != shape[k]]
+        if clash:
+            raise UserError(f"--init_from={cfg['init_from']} has {', '.join(f'{k}={shape[k]}' for k in clash)}: a run started "
+                            f"from its weights keeps the model's shape; drop --{' --'.join(clash)}")
+        if "text_encoder" in given and cfg["text_encoder"] != info["text_encoder"]:
+            raise UserError(f"--init_from={cfg['init_from']} was trained with text_encoder={info['text_encoder']}: drop --text_encoder")
+        cfg = {**cfg, **shape, "text_encoder": info["text_encoder"]}
+        init = dict(weights=source.state_dict(), codec=info["data"]["codec"])
+    common.check_ranges(cfg, RANGES)
+    if cfg["seq_len"] > cfg["max_len"]:
+        raise UserError(f"seq_len={cfg['seq_len']} is longer than the model's max_len={cfg['max_len']}: lower --seq_len or raise --max_len")
+    return cfg, ckpt, init
+
+
 def main(argv):
     given = set()
     cfg = common.parse_settings(common.settings(globals()), argv, given)
-    if not cfg["data"]:
-        raise UserError("--data is missing: give the folder of .h5 shards written by compress.py")
+    cfg, ckpt, init = resolve(cfg, given)
     rank, local_rank, world = common.distributed_env()
+    if rank == 0:
+        common.check_writable(cfg["out"], "out")
+        common.remove_stale_temps(glob.escape(os.path.join(cfg["out"], "ckpt.pt")))   # left by checkpoint writes that were killed
     if world > 1:
         import datetime
         backend = "nccl" if torch.cuda.is_available() and cfg["device"] != "cpu" else "gloo"
@@ -239,10 +303,16 @@ def main(argv):
     if dev == "cuda":
         dev = f"cuda:{local_rank}"
         torch.cuda.set_device(dev)
-    shards = Shards(cfg["data"])
+    data = Data(cfg["data"], cfg["val_fraction"], cfg["seed"])
+    if init is not None and init["codec"] != data.attrs["codec"]:
+        raise UserError(f"--init_from's model was trained on tokens of {init['codec']}, the shards in --data are "
+                        f"{data.attrs['codec']}: encode the new music with the same codec")
+    if rank == 0:
+        os.makedirs(cfg["out"], exist_ok=True)
+    cfg["world_size"] = world
     import train
     try:
-        return train.train(cfg, shards, rank, world, dev, cli_overrides=sorted(given), resume_hint=resume_command(argv))
+        return train.train(cfg, data, rank, world, dev, ckpt=ckpt, init=init and init["weights"], resume_hint=resume_command(argv))
     finally:
         if world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

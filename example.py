@@ -127,7 +127,7 @@ def main(argv):
     labels = make_dataset(music, c["clips_per_label"], seconds=c["clip_seconds"])
     print(f"2/4 compress.py → {data}")
     compress.main(["--input", music, "--output", data, f"--codec={codec}", f"--clip_seconds={c['clip_seconds']}",
-                   f"--min_seconds={min(5, c['clip_seconds'])}", "--num_workers=2"])
+                   f"--min_seconds={min(5, c['clip_seconds'])}", "--num_workers=2", "--check_codec=4"])
     print(f"3/4 deploy.py: a tiny model for {c['steps']} steps → {run}")
     deploy.main(["--data", data, "--out", run, "--dim=128", "--depth=2", "--heads=4", "--dim_head=32",
                  "--nb_features=64", "--local_window=75", "--seq_len=300", "--batch_size=8", "--grad_accum=1",

@@ -24,7 +24,8 @@ from common import UserError
 
 # -----------------------------------------------------------------------------
 # settings: edit here, or override on the command line as --name=value
-ckpt = "runs/music/ckpt.pt"  # checkpoint written by deploy.py
+ckpt = "runs/music/ckpt.pt"  # checkpoint written by deploy.py, or a folder written by export.py
+ema = True                   # use the checkpoint's EMA weights (false: the raw weights of its last step)
 prompt = []                  # text descriptions; repeat --prompt for several (generated together as one batch)
 seconds = 10.0               # length of each piece (with --continue_from: including the prompt audio)
 num_samples = 1              # pieces per prompt
@@ -87,8 +88,8 @@ def prompt_codes(c, codec, model_cfg, steps, dev):
     if segments == 0 or segments * common.SEGMENT_STEPS >= steps:
         raise UserError(f"--continue_from must hold at least 1 s of audio and be shorter than --seconds={c['seconds']}")
     with torch.no_grad():
-        codes, scales = common.encode_clips(codec, wav[None, :, :common.clip_samples(segments)].to(dev))
-    return codes[0], float(scales.median())
+        [(codes, scales)] = common.encode_clips(codec, [wav[:, :common.clip_samples(segments)].to(dev)])
+    return codes, float(scales.median())
 
 
 def main(argv):
@@ -97,22 +98,15 @@ def main(argv):
     common.check_writable(c["out"], "out")
     dev = common.pick_device(c["device"])
     mode, dtype = decoding_setup(c, dev)
-    import train
-    ckpt = train.load_checkpoint(c["ckpt"], "cpu")
-    model_cfg = M.ModelConfig.from_dict(ckpt["model_config"])
-    if c["cfg"] != 1 and ckpt["config"].get("cond_dropout", 0) <= 0:
+    model, info = M.load_model(c["ckpt"], ema=c["ema"])
+    model_cfg = model.cfg
+    if c["cfg"] != 1 and info["cond_dropout"] <= 0:
         raise UserError("this model was trained with cond_dropout=0, so it has no unconditional mode: use --cfg=1")
-    model = M.MusicTransformer(model_cfg)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise UserError(f"{c['ckpt']}: the weights do not match the model settings stored with them "
-                        f"({str(e).splitlines()[1].strip()[:160] if len(str(e).splitlines()) > 1 else e})") from None
-    model.to(dev, dtype).eval()
-    for name, buf in model.named_buffers():      # FAVOR+ projections stay float32: the features are computed in it
+    model.to(dev, dtype)
+    for buf in model.buffers():      # FAVOR+ projections stay float32: the features are computed in it
         buf.data = buf.data.float()
-    text_encoder = M.TextEncoder(ckpt["config"]["text_encoder"], dev)
-    data_info = ckpt["data"]
+    text_encoder = M.TextEncoder(info["text_encoder"], dev)
+    data_info = info["data"]
     codec = common.codec_for(data_info, c["codec_weights"], dev)
     if data_info["codec"].startswith("untrained"):
         print(f"NOTE: this model was trained on tokens of the untrained codec ({data_info['codec']}): the audio will be noise, not music")
@@ -149,7 +143,7 @@ def main(argv):
                         top_k=c["top_k"], top_p=c["top_p"], temperature=c["temperature"], cfg=c["cfg"],
                         window_stride=c["window_stride"], gain_db=c["gain_db"], scale=scale,
                         continue_from=c["continue_from"], format=c["format"], decode=mode, decode_dtype=str(dtype),
-                        ckpt=os.path.abspath(c["ckpt"]), ckpt_step=ckpt["step"], codec=data_info["codec"],
+                        ckpt=os.path.abspath(c["ckpt"]), ckpt_step=info["step"], weights=info["weights"], codec=data_info["codec"],
                         sample_rate=common.SAMPLE_RATE, codes=codes[i].tolist())
             common.write_json(path + ".json", meta)
             if c["spectrogram"]:

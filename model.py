@@ -14,7 +14,7 @@ cross-attending to a label encoded by a frozen BERT-family model.
 import os
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -511,11 +511,14 @@ class ReversibleBlock(nn.Module):
 
 class _ReversibleFunction(torch.autograd.Function):
     """Runs the blocks without storing activations. The text states are an explicit input so that their
-    gradient, summed over the blocks, flows back to the text projection."""
+    gradient, summed over the blocks, flows back to the text projection. The backward pass rebuilds the
+    activations under the autocast state of the forward (bf16 on a GPU, or on a CPU), whatever the device."""
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
     def forward(fn_ctx, x1, x2, text, blocks, ctx):
+        device = x1.device.type
+        fn_ctx.autocast = dict(device_type=device, enabled=torch.is_autocast_enabled(device),
+                               dtype=torch.get_autocast_dtype(device))
         with torch.no_grad():
             for block in blocks:
                 x1, x2 = block.forward_recording(x1, x2, ctx)
@@ -524,13 +527,13 @@ class _ReversibleFunction(torch.autograd.Function):
         return x1, x2
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
     def backward(fn_ctx, dy1, dy2):
         y1, y2, text = fn_ctx.saved_tensors
         text = text.detach().requires_grad_(text.requires_grad)
         ctx = dict(fn_ctx.ctx, text=text)
-        for block in reversed(fn_ctx.blocks):
-            y1, y2, dy1, dy2 = block.backward_pass(y1, y2, dy1, dy2, ctx)
+        with torch.autocast(**fn_ctx.autocast):
+            for block in reversed(fn_ctx.blocks):
+                y1, y2, dy1, dy2 = block.backward_pass(y1, y2, dy1, dy2, ctx)
         return dy1, dy2, text.grad, None, None
 
 
@@ -885,3 +888,75 @@ class TextEncoder:
             out[i, :len(s)], mask[i, :len(s)] = s, True
         device = device or self.device
         return out.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints and shared models: the one place they are written and read. A checkpoint holds plain tensors
+# and Python values only (torch.load(weights_only=True) reads it); an exported model is model.safetensors
+# and config.json, no pickle at all.
+
+CHECKPOINT_FORMAT = 1
+EXPORT_FORMAT = "music-transformer/1"
+# the settings of deploy.py that shape the model (the rest of ModelConfig comes from the data and the run)
+MODEL_SETTINGS = [f.name for f in fields(ModelConfig) if f.name not in ("n_q", "vocab", "text_dim", "chunk_size", "seed")]
+
+
+def save_checkpoint(path, state):
+    """Write a checkpoint dict to a temporary file and rename it over `path`: a crash or a full disk
+    never destroys the previous one."""
+    import common
+    with common.disk_errors(path, f"the previous checkpoint {os.path.basename(path)} is intact"), \
+            common.atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(dict(state, format=CHECKPOINT_FORMAT), f)   # to a Python file: a full disk surfaces as an OSError
+
+
+def load_checkpoint(path, device="cpu"):
+    from common import UserError
+    if not os.path.exists(path):
+        raise UserError(f"no checkpoint at {path}: check the path (train one with deploy.py)")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception:
+        ckpt = None   # torch's own message suggests unsafe loading: never repeat that advice
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "model_config" not in ckpt:
+        raise UserError(f"{path} is not a checkpoint written by this project's deploy.py (it is not a file of plain "
+                        "tensors in its format): check the path")
+    return ckpt
+
+
+def load_model(path, ema=True, device="cpu"):
+    """A model to sample from or to start a run from, and what goes with it: `path` is a checkpoint
+    (ckpt.pt: its EMA weights unless ema=False) or a folder written by export.py. Returns (model in eval
+    mode, info) with info: text_encoder, data (codec, n_q, typical_scale, ...), cond_dropout, step, weights."""
+    from common import UserError
+    if os.path.isdir(path):
+        files = [os.path.join(path, f) for f in ("config.json", "model.safetensors")]
+        if not all(os.path.exists(f) for f in files):
+            raise UserError(f"{path} is a folder without config.json and model.safetensors: give a ckpt.pt or a folder "
+                            "written by export.py")
+        import json
+        from safetensors.torch import load_file
+        try:
+            with open(files[0]) as f:
+                info = json.load(f)
+            weights = load_file(files[1], device=device)
+        except Exception as e:
+            raise UserError(f"{path} holds an unreadable exported model ({type(e).__name__}: {str(e)[:120]})") from None
+        if info.get("format") != EXPORT_FORMAT:
+            raise UserError(f"{files[0]} is not a model exported by this project's export.py")
+        model_config = info["model"]
+    else:
+        ckpt = load_checkpoint(path, device)
+        use_ema = ema and ckpt.get("ema") is not None
+        weights, model_config = ckpt["ema" if use_ema else "model"], ckpt["model_config"]
+        info = dict(text_encoder=ckpt["config"]["text_encoder"], data=ckpt["data"], step=ckpt["step"],
+                    cond_dropout=ckpt["config"].get("cond_dropout", 0.0), weights="ema" if use_ema else "raw")
+    model = MusicTransformer(ModelConfig.from_dict(model_config))
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        lines = str(e).splitlines()
+        raise UserError(f"{path}: the weights do not match the model settings stored with them "
+                        f"({lines[1].strip()[:160] if len(lines) > 1 else e})") from None
+    info["model"] = asdict(model.cfg)
+    return model.to(device).eval(), info

@@ -1,10 +1,13 @@
 """
-The training loop, used by deploy.py: AdamW with warm-up and cosine decay, gradient accumulation,
-DDP, bf16 autocast on CUDA, validation, checkpoints that resume exactly, logs, loss.png and audio
-samples as training goes.
+The training loop, started by deploy.py: AdamW with warm-up and cosine decay, gradient accumulation, DDP,
+bf16 autocast on CUDA, an exponential moving average (EMA) of the weights, validation that measures how
+much the model listens to its text, checkpoints that resume exactly, and a run folder to watch:
+metrics.jsonl, loss.png, samples/ and index.html (open it in a browser).
 """
 import contextlib
+import copy
 import glob
+import html
 import json
 import math
 import os
@@ -18,11 +21,8 @@ import numpy as np
 import torch
 
 import common
-import deploy
 import model as M
 from common import UserError
-
-CHECKPOINT_FORMAT = 1
 
 
 def lr_at(step, c):
@@ -42,47 +42,92 @@ def batch_tensors(codes, texts, text_encoder, pattern, vocab, device):
     return tokens.to(device, non_blocking=True), targets.to(device, non_blocking=True), text, mask
 
 
-# -----------------------------------------------------------------------------
-# checkpoints: plain tensors and Python values only, so torch.load(weights_only=True) reads them
+class EMA:
+    """An exponential moving average of the weights, in a model of its own (used for validation, samples
+    and, by default, generate.py). After optimizer step t: ema += (1 - d)(weights - ema), with
+    d = min(decay, (1 + t) / (10 + t)): a short warm-up, so that early on it is not mostly the random init."""
 
-def rng_state(device):
-    """This process's random state: the CPU generator, and its GPU's when it has one."""
-    return dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.startswith("cuda") else None)
+    def __init__(self, model, decay):
+        self.decay, self.model = decay, copy.deepcopy(model).eval().requires_grad_(False)
 
-
-def save_checkpoint(path, raw_model, optimizer, step, best_val, config, data_info, rng_states):
-    """rng_states: one rng_state() per rank, so that every rank resumes its own dropout stream."""
-    state = dict(
-        format=CHECKPOINT_FORMAT, step=step, best_val_loss=best_val, config=config, data=data_info,
-        model_config=asdict(raw_model.cfg), model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
-        rng=rng_states,
-        data_position=dict(next_step=step, samples_per_step=config["batch_size"] * config["grad_accum"] * config["world_size"]))
-    with common.disk_errors(path, f"the previous checkpoint {os.path.basename(path)} is intact"), \
-            common.atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(state, f)   # to a Python file, so a full disk surfaces as an OSError
-
-
-def load_checkpoint(path, device="cpu"):
-    if not os.path.exists(path):
-        raise UserError(f"no checkpoint at {path}: check the path (train one with deploy.py)")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception:
-        ckpt = None   # torch's own message suggests unsafe loading: never repeat that advice
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "model_config" not in ckpt:
-        raise UserError(f"{path} is not a checkpoint written by this project's deploy.py (it is not a file of plain "
-                        "tensors in its format): check the path")
-    return ckpt
+    @torch.no_grad()
+    def update(self, model, step):
+        d = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), 1 - d)
+        for mine, theirs in zip(self.model.buffers(), model.buffers()):   # the FAVOR+ features follow their redraws
+            mine.copy_(theirs)
 
 
 # -----------------------------------------------------------------------------
-# watching a run
+# how good is it: validation, the conditioning gap, and baselines to beat
+
+@torch.no_grad()
+def evaluate(model, data, c, text_encoder, device, autocast):
+    """Validation cross-entropy on the first eval_clips held-out clips, from their start: with their own
+    labels, with the labels shuffled among them (each clip gets the next one's) and with the empty text.
+    conditioning_gap = shuffled − own: how much the model uses its text (about 0: it does not listen)."""
+    ids = [int(i) for i in data.val_ids[:c.eval_clips]]
+    if not ids:
+        return None
+    codes = torch.from_numpy(np.stack([data.read(i, 0, c.seq_len) for i in ids]))
+    own = [data.texts[i] for i in ids]
+    out = {}
+    for name, labels in (("val_loss", own), ("val_loss_shuffled", own[1:] + own[:1]), ("val_loss_empty", [""] * len(ids))):
+        total = torch.zeros(data.n_q)
+        for i in range(0, len(ids), c.batch_size):
+            tokens, targets, text, mask = batch_tensors(codes[i:i + c.batch_size], labels[i:i + c.batch_size], text_encoder,
+                                                        c.pattern, model.cfg.vocab, device)
+            with autocast:
+                _, per_codebook = M.codebook_loss(model(tokens, text, mask), targets)
+            total += per_codebook.float().cpu() * len(tokens)
+        per_codebook = total / len(ids)
+        out[name] = round(per_codebook.mean().item(), 5)
+        if name == "val_loss":
+            out["val_loss_per_codebook"] = [round(x, 5) for x in per_codebook.tolist()]
+    out["conditioning_gap"] = round(out["val_loss_shuffled"] - out["val_loss"], 5)
+    return out
+
+
+def baselines(data, c, vocab, max_clips=1000):
+    """What simple models score on the same validation clips: uniform; the unigram and the bigram of the
+    previous code in the same codebook, both fitted on up to max_clips training clips (the bigram
+    smoothed toward the unigram, so unseen pairs keep some probability)."""
+    ids = [int(i) for i in data.val_ids[:c.eval_clips]]
+    fit = [int(i) for i in data.train_ids[::max(1, len(data.train_ids) // max_clips)][:max_clips]]
+    if not ids or not fit:
+        return {}
+    n_q = data.n_q
+    unigram = np.ones((n_q, vocab))
+    bigram = np.zeros((n_q, (vocab + 1) * vocab))
+    for i in fit:
+        codes = data.read(i, 0, int(data.lengths[i]))
+        prev = np.concatenate([np.full((n_q, 1), vocab), codes[:, :-1]], 1)      # the start token before the first
+        for k in range(n_q):
+            unigram[k] += np.bincount(codes[k], minlength=vocab)
+            bigram[k] += np.bincount(prev[k] * vocab + codes[k], minlength=(vocab + 1) * vocab)
+    unigram /= unigram.sum(1, keepdims=True)
+    bigram = bigram.reshape(n_q, vocab + 1, vocab)
+    bigram = (bigram + 10 * unigram[:, None]) / (bigram.sum(2, keepdims=True) + 10)
+    nll = {"unigram": [], "bigram": []}
+    for i in ids:
+        codes = data.read(i, 0, c.seq_len)
+        prev = np.concatenate([np.full((n_q, 1), vocab), codes[:, :-1]], 1)
+        for k in range(n_q):
+            valid = codes[k] >= 0
+            nll["unigram"].append(-np.log(unigram[k, codes[k][valid]]))
+            nll["bigram"].append(-np.log(bigram[k, np.where(prev[k] < 0, vocab, prev[k])[valid], codes[k][valid]]))
+    return dict(baseline_uniform=round(math.log(vocab), 5), baseline_clips=len(fit),
+                **{f"baseline_{k}": round(float(np.concatenate(v).mean()), 5) for k, v in nll.items()})
+
+
+# -----------------------------------------------------------------------------
+# watching a run: metrics.jsonl, loss.png, samples/, index.html
 
 class Monitor:
-    """metrics.jsonl, loss.png, and optional TensorBoard / wandb. Only rank 0 makes one."""
+    """metrics.jsonl, loss.png, index.html, and optional TensorBoard / wandb. Only rank 0 makes one."""
 
     def __init__(self, out_dir, config, resume_step):
-        self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.out_dir, self.path = out_dir, os.path.join(out_dir, "metrics.jsonl")
         self.records = []
         if resume_step is not None and os.path.exists(self.path):
             with open(self.path, errors="replace") as f:   # drop what a crashed run logged after its last checkpoint
@@ -117,20 +162,41 @@ class Monitor:
         if self.wb:
             self.wb.log(scalars, step=record["step"])
 
-    def plot(self, out_dir):
+    def series(self, key):
+        return [(r["step"], r[key]) for r in self.records if key in r]
+
+    def plot(self):
+        """loss.png: the losses against the baselines, and below them how much the model uses its text."""
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        train = [(r["step"], r["loss"]) for r in self.records if "loss" in r]
-        val = [(r["step"], r["val_loss"]) for r in self.records if "val_loss" in r]
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        for points, name in ((train, "train"), (val, "validation")):
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, height_ratios=(2, 1))
+        for key, name, style in (("loss", "train", dict()), ("val_loss", "validation", dict(marker="o")),
+                                 ("val_loss_shuffled", "validation, labels shuffled", dict(marker=".", alpha=0.6)),
+                                 ("val_loss_empty", "validation, empty text", dict(marker=".", alpha=0.6))):
+            if self.series(key):
+                top.plot(*zip(*self.series(key)), label=name, **style)
+        for key, color in (("baseline_unigram", "grey"), ("baseline_bigram", "black")):
+            if self.series(key):
+                top.axhline(self.series(key)[-1][1], color=color, linestyle="--", linewidth=1, label=key.replace("_", " "))
+        top.set_ylabel("cross-entropy (nats)")
+        if top.get_lines():
+            top.legend(fontsize=8)
+        top.grid(alpha=0.3)
+        for key, name in (("conditioning_gap", "labels shuffled − own labels"), ("val_loss_empty", "empty text − own labels")):
+            points = [(s, v - dict(self.series("val_loss"))[s]) for s, v in self.series(key)] if key == "val_loss_empty" else self.series(key)
             if points:
-                ax.plot(*zip(*points), label=name, marker="o" if name == "validation" else None)
-        ax.set_xlabel("step"); ax.set_ylabel("cross-entropy (nats, mean over codebooks)"); ax.legend(); ax.grid(alpha=0.3)
-        with common.atomic_path(os.path.join(out_dir, "loss.png")) as tmp:
-            fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+                bottom.plot(*zip(*points), marker="o", label=name)
+        bottom.axhline(0, color="black", linewidth=0.8)
+        bottom.set_xlabel("step")
+        bottom.set_ylabel("conditioning gap (nats)")
+        if bottom.get_lines()[:-1]:
+            bottom.legend(fontsize=8)
+        bottom.grid(alpha=0.3)
+        with common.atomic_path(os.path.join(self.out_dir, "loss.png")) as tmp:
+            fig.savefig(tmp, format="png", dpi=90, bbox_inches="tight")
         plt.close(fig)
+        write_page(self.out_dir, self.records)
 
 
 def _json_or_none(line):
@@ -142,31 +208,55 @@ def _json_or_none(line):
     return record if isinstance(record, dict) else None
 
 
-@torch.no_grad()
-def evaluate(raw_model, shards, val_ids, c, text_encoder, device, autocast):
-    """Mean validation loss over the first eval_clips held-out clips, each from its start."""
-    if len(val_ids) == 0:
-        return None
-    raw_model.eval()
-    ids = val_ids[:c.eval_clips]
-    total, count = 0.0, 0
-    for i in range(0, len(ids), c.batch_size):
-        chunk = ids[i:i + c.batch_size]
-        codes = torch.from_numpy(np.stack([shards.read(int(j), 0, c.seq_len) for j in chunk]))
-        tokens, targets, text, mask = batch_tensors(codes, [shards.texts[int(j)] for j in chunk], text_encoder,
-                                                    c.pattern, raw_model.cfg.vocab, device)
-        with autocast:
-            loss, _ = raw_model.loss(tokens, targets, text, mask)
-        total, count = total + loss.item() * len(chunk), count + len(chunk)
-    raw_model.train()
-    return total / count
+def write_page(out_dir, records):
+    """index.html: the run at a glance and every sample in samples/, newest first, each with its player and
+    spectrogram. Built from the files on disk, rewritten atomically; relative links, so it works opened
+    from disk or served with `python -m http.server`."""
+    last = {}
+    for r in records:
+        last.update(r)
+    facts = [f"step {last.get('step', 0)}"]
+    for key, name in (("val_loss", "validation loss"), ("conditioning_gap", "conditioning gap"),
+                      ("baseline_unigram", "unigram baseline"), ("baseline_bigram", "bigram baseline")):
+        if key in last:
+            facts.append(f"{name} {last[key]:.3f}")
+    by_step = {}
+    for path in sorted(glob.glob(os.path.join(glob.escape(out_dir), "samples", "step*.mp3"))):
+        name = os.path.basename(path)
+        by_step.setdefault(name[4:10], []).append(name)
+    parts = []
+    for step in sorted(by_step, reverse=True):
+        figures = []
+        for name in by_step[step]:
+            prompt = name[11:-4].replace("_", " ")
+            if os.path.exists(os.path.join(out_dir, "samples", name + ".json")):
+                with open(os.path.join(out_dir, "samples", name + ".json")) as f:
+                    prompt = json.load(f).get("prompt", prompt) or "(unconditional)"
+            picture = (f'<img src="samples/{html.escape(name)}.png" alt="spectrogram">'
+                       if os.path.exists(os.path.join(out_dir, "samples", name + ".png")) else "")
+            figures.append(f'<figure><figcaption>{html.escape(prompt)}</figcaption>'
+                           f'<audio controls preload="none" src="samples/{html.escape(name)}"></audio>{picture}</figure>')
+        parts.append(f"<h3>step {int(step)}</h3><div class=row>{''.join(figures)}</div>")
+    title = html.escape(os.path.basename(os.path.abspath(out_dir)))
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{title}: {facts[0]}</title>
+<style>body{{font-family:sans-serif;margin:1.5em;max-width:1400px}} .row{{display:flex;flex-wrap:wrap;gap:1em}}
+figure{{margin:0;width:420px}} figcaption{{font-weight:bold;margin-bottom:.3em}} audio,figure img{{width:100%}}</style></head>
+<body><h1>{title}</h1><p>{' · '.join(facts)} · updated {time.strftime('%Y-%m-%d %H:%M:%S')}</p>
+<img src="loss.png?step={last.get('step', 0)}" alt="loss curves" style="max-width:800px;width:100%">
+<h2>Samples</h2>{''.join(parts) or '<p>none yet</p>'}
+<script>addEventListener("load", () => {{ document.body.dataset.broken =
+  [...document.images].filter(i => !i.complete || i.naturalWidth === 0).length; }});</script>
+</body></html>
+"""
+    with common.atomic_path(os.path.join(out_dir, "index.html")) as tmp, open(tmp, "w") as f:
+        f.write(page)
 
 
-def write_samples(raw_model, text_encoder, c, data_info, step, out_dir, device):
-    """A short piece per sample prompt, from the model's own sampler, into out/samples/."""
-    raw_model.eval()
+def write_samples(model, text_encoder, c, data_info, step, out_dir, device):
+    """A short piece per sample prompt from the model's own sampler: MP3, spectrogram and prompt in samples/."""
     prompts = data_info["sample_prompts"]
-    codes = M.sample(raw_model, text_encoder, prompts, int(c.sample_seconds * common.FRAME_RATE), device, seed=step,
+    codes = M.sample(model, text_encoder, prompts, int(c.sample_seconds * common.FRAME_RATE), device, seed=step,
                      cfg=3.0 if c.cond_dropout > 0 else 1.0)
     codec = common.codec_for(data_info, c.codec_weights, device)
     folder = os.path.join(out_dir, "samples")
@@ -174,211 +264,240 @@ def write_samples(raw_model, text_encoder, c, data_info, step, out_dir, device):
     with torch.no_grad():
         audio = common.decode_codes(codec, codes, data_info["typical_scale"]).cpu()
     for prompt, wav in zip(prompts, audio):
-        common.write_audio(os.path.join(folder, f"step{step:06d}_{common.slug(prompt)}.mp3"), wav)
-    raw_model.train()
+        path = os.path.join(folder, f"step{step:06d}_{common.slug(prompt)}.mp3")
+        common.write_audio(path, wav)
+        common.write_spectrogram(path + ".png", wav)
+        common.write_json(path + ".json", dict(prompt=prompt, step=step))
+
+
+# -----------------------------------------------------------------------------
+# the pieces of the loop
+
+def rng_state(device):
+    """This process's random state: the CPU generator, and its GPU's when it has one."""
+    return dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.startswith("cuda") else None)
+
+
+def build(c, n_q, text_dim, device):
+    """The model and its optimizer (weight decay on matrices only; fused AdamW on CUDA)."""
+    cfg = M.ModelConfig(n_q=n_q, text_dim=text_dim, seed=c.seed, **{k: getattr(c, k) for k in M.MODEL_SETTINGS})
+    try:
+        model = M.MusicTransformer(cfg.validate()).to(device)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    except (RuntimeError, MemoryError) as e:
+        raise UserError(f"cannot build a model of dim={c.dim}, depth={c.depth} on {device} ({str(e).splitlines()[0][:120]}): "
+                        "choose a smaller model") from None
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([dict(params=decay, weight_decay=c.weight_decay), dict(params=no_decay, weight_decay=0.0)],
+                                  lr=c.lr, betas=(0.9, 0.95), fused=device.startswith("cuda"))
+    return model, optimizer
+
+
+def optimizer_step(model, raw_model, optimizer, batches, c, step, text_encoder, n_q, device, autocast, world):
+    """One optimizer step over grad_accum micro-batches (gradients synchronised once). Returns the mean
+    loss per codebook (n_q,), the gradient norm, the number of scored codes and whether the step was
+    finite (if not, no update is made)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step, c)
+    losses, tokens_seen = torch.zeros(n_q, device=device), 0
+    for micro in range(c.grad_accum):
+        codes, texts = next(batches)
+        tokens, targets, text, mask = batch_tensors(codes, texts, text_encoder, c.pattern, raw_model.cfg.vocab, device)
+        sync = contextlib.nullcontext() if world == 1 or micro == c.grad_accum - 1 else model.no_sync()
+        try:
+            with sync, autocast:
+                loss, per_codebook = M.codebook_loss(model(tokens, text, mask), targets)
+                (loss / c.grad_accum).backward()
+        except torch.cuda.OutOfMemoryError:
+            raise UserError(f"out of GPU memory with batch_size={c.batch_size} × seq_len={c.seq_len}: lower "
+                            "--batch_size (raise --grad_accum to keep the effective batch) or --seq_len") from None
+        losses += per_codebook / c.grad_accum
+        tokens_seen += int((targets >= 0).sum())
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), c.grad_clip if c.grad_clip > 0 else float("inf"))
+    finite = bool(torch.isfinite(grad_norm) and torch.isfinite(losses).all())
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return losses, grad_norm, tokens_seen, finite
+
+
+class StopSignal:
+    """SIGTERM or Ctrl-C asks the loop to stop at the end of the step; every rank stops at the same one."""
+
+    def __init__(self, world):
+        self.world, self.signal = world, None
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def requested(self):
+        flag = torch.tensor(float(self.signal is not None))
+        if self.world > 1:
+            torch.distributed.all_reduce(flag)
+        return bool(flag.item())
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 # -----------------------------------------------------------------------------
 
-def train(config, shards, rank, world, device, cli_overrides=(), resume_hint=""):
-    master = rank == 0
-    out_dir = config["out"]
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    ckpt = None
-    if not config["resume"] and os.path.exists(ckpt_path):
-        raise UserError(f"{out_dir} already holds a run (ckpt.pt): add --resume to continue it, or choose another --out")
-    if config["resume"]:
-        ckpt = load_checkpoint(ckpt_path)
-        saved = ckpt["config"]
-        changed = [k for k in cli_overrides if k in deploy.MODEL_SETTINGS and config[k] != saved[k]]
-        if changed:
-            was = ", ".join(f"{k}={saved[k]}" for k in changed)
-            raise UserError(f"cannot change {', '.join(changed)} when resuming: the checkpoint's model has {was}")
-        # settings a checkpoint predates take the value that reproduces it: its model_config's (dataclass) defaults
-        model_settings = {k: v for k, v in ckpt["model_config"].items() if k in deploy.MODEL_SETTINGS}
-        config = {**config, **ckpt["config"], **model_settings, **{k: config[k] for k in cli_overrides}, "resume": True}
-    config["world_size"] = world
+def train(config, data, rank, world, device, ckpt=None, init=None, resume_hint=""):
+    """Train on `data` (deploy.Data) with `config` (deploy.py's settings, resolved). ckpt: a checkpoint to
+    resume exactly; init: model weights to start a new run from (--init_from). Returns the raw model."""
     c = SimpleNamespace(**config)
-    common.check_ranges(config, deploy.RANGES)
-    if c.seq_len > c.max_len:
-        raise UserError(f"seq_len={c.seq_len} is longer than the model's max_len={c.max_len}: lower --seq_len or raise --max_len")
-    if master:
-        common.check_writable(out_dir, "out")
-        common.remove_stale_temps(glob.escape(ckpt_path))    # left by checkpoint writes that were killed
-
+    master, cuda = rank == 0, device.startswith("cuda")
+    ckpt_path = os.path.join(c.out, "ckpt.pt")
     torch.manual_seed(c.seed + rank)
-    cuda = device.startswith("cuda")
     autocast = torch.autocast("cuda", dtype=getattr(torch, c.dtype)) if cuda and c.dtype != "float32" else contextlib.nullcontext()
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
     text_encoder = M.TextEncoder(c.text_encoder, device)
-    text_encoder.encode_all(set(shards.texts) | {""})    # once per distinct text, before training starts
-    model_cfg = M.ModelConfig(n_q=shards.n_q, text_dim=text_encoder.dim, seed=c.seed,
-                              **{k: config[k] for k in deploy.MODEL_SETTINGS})
-    try:
-        model_cfg.validate()
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    try:
-        raw_model = M.MusicTransformer(model_cfg).to(device)
-    except (RuntimeError, MemoryError) as e:
-        raise UserError(f"cannot build a model of dim={c.dim}, depth={c.depth} on {device} ({str(e).splitlines()[0][:120]}): "
-                        "choose a smaller model") from None
-    decay = [p for p in raw_model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in raw_model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([dict(params=decay, weight_decay=c.weight_decay), dict(params=no_decay, weight_decay=0.0)],
-                                  lr=c.lr, betas=(0.9, 0.95), fused=cuda)
-    step, best_val = 0, float("inf")
-    train_ids, val_ids = deploy.split(len(shards), c.val_fraction, c.seed)
-    texts = [t for t in dict.fromkeys(shards.texts[i] for i in train_ids) if t][:3]
-    data_info = dict(shards.attrs, typical_scale=shards.typical_scale, codec_weights=c.codec_weights,
-                     clips=len(shards), sample_prompts=c.sample_prompts.split("|") if c.sample_prompts else texts or [""])
+    text_encoder.encode_all(set(data.texts) | {""})    # once per distinct text, before training starts
+    raw_model, optimizer = build(c, data.n_q, text_encoder.dim, device)
+    ema = EMA(raw_model, c.ema_decay) if c.ema_decay > 0 else None
+    step, best_val, bad_steps = 0, float("inf"), 0
+    data_info = data.info(c)
     if ckpt:
         raw_model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        if ema is not None:
+            ema.model.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"])
         step, best_val = ckpt["step"], ckpt["best_val_loss"]
         saved = ckpt["rng"][rank % len(ckpt["rng"])]   # with a new world size, ranks reuse the saved streams
         torch.set_rng_state(saved["cpu"].cpu())
         if cuda and saved["cuda"] is not None:
             torch.cuda.set_rng_state(saved["cuda"].cpu(), device)
-        del ckpt
-    model = raw_model
-    if c.compile:
-        model = torch.compile(model)
+    elif init is not None:
+        raw_model.load_state_dict(init)
+        if ema is not None:
+            ema.model.load_state_dict(init)
+    judge = ema.model if ema is not None else raw_model   # validation and samples use the EMA weights
+    model = torch.compile(raw_model) if c.compile else raw_model
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if cuda else None)
 
+    monitor = Monitor(c.out, config, step if ckpt else None) if master else None
     if master:
-        os.makedirs(out_dir, exist_ok=True)
-        print(f"{len(shards)} clips ({len(train_ids)} train, {len(val_ids)} validation) in {len(shards.paths)} shards, "
-              f"codec {shards.attrs['codec']}")
-        print(f"model: {raw_model.num_params() / 1e6:.1f} M parameters, {c.depth} layers × {c.dim}, attention={c.attention}, "
-              f"pattern={c.pattern}, text encoder {c.text_encoder}")
-        print(f"effective batch = {c.batch_size} clips × {c.grad_accum} accumulation × {world} processes = "
-              f"{c.batch_size * c.grad_accum * world} clips of {c.seq_len} steps per optimizer step; device {device}"
-              + (f", autocast {c.dtype}" if cuda else ""))
-        if step:
-            print(f"resuming from step {step} (best validation loss {best_val:.4f})")
-    monitor = Monitor(out_dir, config, step if config["resume"] else None) if master else None
-    if master and c.sample_interval:
-        common.codec_for(data_info, c.codec_weights, "cpu")   # fail now, not hours in, if the codec is missing
+        announce(c, data, raw_model, world, device, step, best_val, init is not None)
+        if c.sample_interval:
+            common.codec_for(data_info, c.codec_weights, "cpu")   # fail now, not hours in, if the codec is missing
+        if not ckpt:
+            found = baselines(data, c, raw_model.cfg.vocab)
+            if found:
+                monitor.log(dict(step=0, **found))
+                print(f"baselines on the validation clips: uniform {found['baseline_uniform']:.3f}, unigram "
+                      f"{found['baseline_unigram']:.3f}, bigram {found['baseline_bigram']:.3f} nats (fitted on "
+                      f"{found['baseline_clips']} training clips): the validation loss should go below the bigram's")
 
-    loader = torch.utils.data.DataLoader(
-        deploy.Crops(shards, train_ids, c.seq_len, c.cond_dropout, c.seed),
-        batch_sampler=deploy.StepBatches(step, c.max_steps, c.grad_accum, c.batch_size, rank, world),
-        collate_fn=deploy.collate, num_workers=c.num_workers, pin_memory=cuda,
-        persistent_workers=False, generator=torch.Generator())   # its own generator: the model's RNG stream stays put
-    batches = iter(loader)
-
-    stop = {"signal": None}
-    def on_signal(signum, frame):
-        stop["signal"] = signum
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    bad_steps, t_last, tokens_seen = 0, time.time(), 0
-
-    def checkpoint(why):   # called by every rank at the same step
+    def save(why):   # every rank calls it at the same step: their random states are gathered
         states = [rng_state(device)]
         if world > 1:
             states = [None] * world
             torch.distributed.all_gather_object(states, rng_state(device))
         if master:
-            save_checkpoint(ckpt_path, raw_model, optimizer, step, best_val, config, data_info, states)
+            M.save_checkpoint(ckpt_path, dict(
+                step=step, best_val_loss=best_val, config=config, data=data_info, model_config=asdict(raw_model.cfg),
+                model=raw_model.state_dict(), ema=ema.model.state_dict() if ema else None, optimizer=optimizer.state_dict(),
+                rng=states, data_position=dict(next_step=step, samples_per_step=c.batch_size * c.grad_accum * world)))
             print(f"saved {ckpt_path} at step {step} ({why})")
 
+    batches = iter(data.loader(step, c, rank, world, cuda))
+    stop, t_last, tokens_seen = StopSignal(world), time.time(), 0
     try:
         while step < c.max_steps:
             if c.feature_redraw_interval and step % c.feature_redraw_interval == 0 and step > 0:
                 raw_model.redraw_features(step // c.feature_redraw_interval)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, c)
-            losses = torch.zeros(shards.n_q, device=device)
-            interrupted = False
-            for micro in range(c.grad_accum):
-                try:
-                    codes, texts = next(batches)
-                except Exception:
-                    if stop["signal"] is None:
-                        raise
-                    interrupted = True   # Ctrl-C reached the loader's workers too
-                    break
-                tokens, targets, text, mask = batch_tensors(codes, texts, text_encoder, c.pattern, model_cfg.vocab, device)
-                last = micro == c.grad_accum - 1
-                context = model.no_sync() if world > 1 and not last else contextlib.nullcontext()   # sync once per step
-                try:
-                    with context, autocast:
-                        loss, per_codebook = M.codebook_loss(model(tokens, text, mask), targets)
-                        (loss / c.grad_accum).backward()
-                except torch.cuda.OutOfMemoryError:
-                    raise UserError(f"out of GPU memory with batch_size={c.batch_size} × seq_len={c.seq_len}: lower "
-                                    "--batch_size (raise --grad_accum to keep the effective batch) or --seq_len") from None
-                losses += per_codebook / c.grad_accum
-                tokens_seen += int((targets >= 0).sum())
-            if interrupted:   # drop the partial accumulation: this step is redone on resume
-                optimizer.zero_grad(set_to_none=True)
-                checkpoint("stopped by signal")
-                if master:
-                    print(f"stopped at step {step}; continue with: {resume_hint}")
-                return raw_model
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), c.grad_clip if c.grad_clip > 0 else float("inf"))
-            if not (torch.isfinite(grad_norm) and torch.isfinite(losses).all()):
-                bad_steps += 1
-                optimizer.zero_grad(set_to_none=True)
-                if master:
-                    warnings.warn(f"step {step}: non-finite loss or gradient, update skipped ({bad_steps} in a row)")
-                if bad_steps >= c.max_bad_steps:
-                    raise UserError(f"{bad_steps} non-finite steps in a row at step {step}: training diverged. "
-                                    f"The last good checkpoint is {ckpt_path}; resume with a lower --lr (now {c.lr}) "
-                                    "or --grad_clip, or check the data")
-                step += 1
-                continue
-            bad_steps = 0
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            try:
+                losses, grad_norm, n_tokens, finite = optimizer_step(model, raw_model, optimizer, batches, c, step,
+                                                                     text_encoder, data.n_q, device, autocast, world)
+            except Exception:
+                if stop.signal is None:
+                    raise
+                optimizer.zero_grad(set_to_none=True)   # Ctrl-C reached the loader's workers: this step is redone on resume
+                break
+            bad_steps = 0 if finite else bad_steps + 1
+            if not finite:
+                check_divergence(bad_steps, step, c, ckpt_path, master)
             step += 1
-
+            if finite and ema is not None:
+                ema.update(raw_model, step)
+            tokens_seen += n_tokens
             if master and (step % c.log_interval == 0 or step == c.max_steps):
-                dt = time.time() - t_last
-                steps_done = c.log_interval if step % c.log_interval == 0 else step % c.log_interval
-                peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else _rss_gib()
-                record = dict(step=step, loss=round(losses.mean().item(), 5),
-                              loss_per_codebook=[round(x, 5) for x in losses.tolist()], lr=optimizer.param_groups[0]["lr"],
-                              grad_norm=round(grad_norm.item(), 4), tokens_per_s=round(tokens_seen * world / dt, 1),
-                              ms_per_step=round(1000 * dt / steps_done, 1), peak_mem_gib=round(peak, 3))
-                monitor.log(record)
-                print(f"step {step}: loss {record['loss']:.4f} ({' '.join(f'{x:.3f}' for x in record['loss_per_codebook'])}) "
-                      f"lr {record['lr']:.2e} |g| {record['grad_norm']:.3f} {record['tokens_per_s']:.0f} tok/s "
-                      f"{record['ms_per_step']:.0f} ms/step {peak:.2f} GiB", flush=True)
+                log_progress(monitor, step, c, losses, grad_norm, optimizer, tokens_seen * world, time.time() - t_last, device)
                 t_last, tokens_seen = time.time(), 0
-
             if step % c.eval_interval == 0 or step == c.max_steps:
-                val = evaluate(raw_model, shards, val_ids, c, text_encoder, device, autocast)
-                if val is not None:
-                    best_val = min(best_val, val)
-                if master and val is not None:
-                    monitor.log(dict(step=step, val_loss=round(val, 5)))
-                    print(f"step {step}: validation loss {val:.4f} (best {best_val:.4f})")
-                checkpoint("evaluation")
                 if master:
-                    monitor.plot(out_dir)
+                    best_val = validate(judge, data, c, text_encoder, device, autocast, monitor, step, best_val)
+                save("evaluation")
+                if master:
+                    monitor.plot()
             if master and c.sample_interval and (step % c.sample_interval == 0 or step == c.max_steps):
-                write_samples(raw_model, text_encoder, c, data_info, step, out_dir, device)
-
-            signalled = torch.tensor(float(stop["signal"] is not None))
-            if world > 1:
-                torch.distributed.all_reduce(signalled)   # every rank stops at the same step
-            if signalled.item():
-                checkpoint("stopped by signal")
-                if master:
-                    print(f"stopped at step {step}; continue with: {resume_hint}")
-                return raw_model
-        if master:
+                write_samples(judge, text_encoder, c, data_info, step, c.out, device)
+                write_page(c.out, monitor.records)
+            if stop.requested():
+                break
+        if step < c.max_steps:
+            save("stopped by signal")
+            if master:
+                print(f"stopped at step {step}; continue with: {resume_hint}")
+        elif master:
             print(f"done: {step} steps, best validation loss {best_val:.4f}; checkpoint {ckpt_path}")
         return raw_model
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        stop.restore()
         del batches
+
+
+def announce(c, data, model, world, device, step, best_val, fine_tune):
+    print(f"{len(data)} clips ({len(data.train_ids)} train, {len(data.val_ids)} validation) in {len(data.paths)} shards, "
+          f"codec {data.attrs['codec']}")
+    print(f"model: {model.num_params() / 1e6:.1f} M parameters, {c.depth} layers × {c.dim}, attention={c.attention}, "
+          f"positions={c.positions}, pattern={c.pattern}, text encoder {c.text_encoder}"
+          + (f"; starting from the weights of {c.init_from}" if fine_tune else ""))
+    print(f"effective batch = {c.batch_size} clips × {c.grad_accum} accumulation × {world} processes = "
+          f"{c.batch_size * c.grad_accum * world} clips of {c.seq_len} steps per optimizer step; device {device}"
+          + (f", autocast {c.dtype}" if device.startswith("cuda") else "") + (f"; EMA of the weights, decay {c.ema_decay}" if c.ema_decay else ""))
+    if step:
+        print(f"resuming from step {step} (best validation loss {best_val:.4f})")
+
+
+def check_divergence(bad_steps, step, c, ckpt_path, master):
+    if master:
+        warnings.warn(f"step {step}: non-finite loss or gradient, update skipped ({bad_steps} in a row)")
+    if bad_steps >= c.max_bad_steps:
+        raise UserError(f"{bad_steps} non-finite steps in a row at step {step}: training diverged. The last good "
+                        f"checkpoint is {ckpt_path}; resume with a lower --lr (now {c.lr}) or --grad_clip, or check the data")
+
+
+def log_progress(monitor, step, c, losses, grad_norm, optimizer, tokens, seconds, device):
+    steps_done = c.log_interval if step % c.log_interval == 0 else step % c.log_interval
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.startswith("cuda") else _rss_gib()
+    record = dict(step=step, loss=round(losses.mean().item(), 5), loss_per_codebook=[round(x, 5) for x in losses.tolist()],
+                  lr=optimizer.param_groups[0]["lr"], grad_norm=round(grad_norm.item(), 4),
+                  tokens_per_s=round(tokens / seconds, 1), ms_per_step=round(1000 * seconds / steps_done, 1),
+                  peak_mem_gib=round(peak, 3))
+    monitor.log(record)
+    print(f"step {step}: loss {record['loss']:.4f} ({' '.join(f'{x:.3f}' for x in record['loss_per_codebook'])}) "
+          f"lr {record['lr']:.2e} |g| {record['grad_norm']:.3f} {record['tokens_per_s']:.0f} tok/s "
+          f"{record['ms_per_step']:.0f} ms/step {peak:.2f} GiB", flush=True)
+
+
+def validate(model, data, c, text_encoder, device, autocast, monitor, step, best_val):
+    found = evaluate(model, data, c, text_encoder, device, autocast)
+    if found is None:
+        return best_val
+    best_val = min(best_val, found["val_loss"])
+    monitor.log(dict(step=step, **found))
+    print(f"step {step}: validation loss {found['val_loss']:.4f} (best {best_val:.4f}); labels shuffled "
+          f"{found['val_loss_shuffled']:.4f}, empty text {found['val_loss_empty']:.4f}: conditioning gap "
+          f"{found['conditioning_gap']:+.4f}")
+    return best_val
 
 
 def _rss_gib():

@@ -12,7 +12,7 @@ import common
 import compress
 import example
 
-FAST = ["--codec=untrained", "--clip_seconds=2", "--min_seconds=1", "--num_workers=0", "--device=cpu"]
+FAST = ["--codec=untrained", "--clip_seconds=2", "--min_seconds=1", "--num_workers=0", "--device=cpu", "--check_codec=0"]
 
 
 def run(inp, out, *extra):
@@ -311,3 +311,50 @@ def test_results_do_not_depend_on_batch_size_or_workers(music_dir, tmp_path):
                           "--batch_size=5", "--device=cpu"]) == 0
     a, b = read_shards(tmp_path / "a"), read_shards(tmp_path / "b")
     assert a.keys() == b.keys() and all(np.array_equal(a[k][0], b[k][0]) and np.array_equal(a[k][2], b[k][2]) for k in a)
+
+
+@pytest.mark.parametrize("per_call", [64, 5, 1])
+def test_batched_encoding_equals_the_package(per_call):
+    """Every segment of clips of different lengths (a remainder among them) through the encoder in one
+    batch gives exactly the codes and scales of the package's model.encode on each clip."""
+    codec = common.load_codec("untrained", "", 0, 6.0, "cpu")
+    g = torch.Generator().manual_seed(0)
+    music = torch.from_numpy(example.synth_clip(seconds=12, seed=3).T.copy())
+    clips = [music[:, :common.clip_samples(s)] * (0.2 + i) for i, s in enumerate((3, 3, 2, 5, 1))]
+    clips.append(torch.randn(2, common.clip_samples(2), generator=g) * 0.05)
+    with torch.inference_mode():
+        batched = common.encode_clips(codec, clips, batched=True, per_call=per_call)
+        loop = common.encode_clips(codec, clips)
+        for clip, (codes, scales), (loop_codes, loop_scales) in zip(clips, batched, loop):
+            frames = codec.encode(clip[None])[:common.whole_segments(clip.shape[-1])]
+            assert torch.equal(codes, torch.cat([c for c, _ in frames], -1)[0]) and torch.equal(codes, loop_codes)
+            assert torch.equal(scales, torch.cat([s for _, s in frames], -1)[0]) and torch.equal(scales, loop_scales)
+
+
+def test_both_encode_paths_write_the_same_shards(music_dir, tmp_path):
+    assert run(music_dir, tmp_path / "loop", "--encode=loop", "--batch_size=2") == 0
+    assert run(music_dir, tmp_path / "batched", "--encode=batched", "--batch_size=7") == 0
+    a, b = read_shards(tmp_path / "loop"), read_shards(tmp_path / "batched")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k][0], b[k][0]) and np.array_equal(a[k][2], b[k][2]) for k in a)
+
+
+def test_codec_check_writes_both_sides_of_each_round_trip(music_dir, tmp_path, capsys):
+    assert run(music_dir, tmp_path / "o", "--check_codec=2") == 0
+    out = capsys.readouterr().out
+    folder = tmp_path / "o" / "codec_check"
+    summary = json.loads((folder / "summary.json").read_text())
+    assert len(summary["clips"]) == 2 and all(np.isfinite(c["snr_db"]) for c in summary["clips"])
+    for clip in summary["clips"]:
+        decoded = clip["decoded"]
+        assert os.path.exists(decoded) and os.path.exists(decoded.replace(".codec.mp3", ".original.mp3"))
+        assert sf.info(decoded).duration == pytest.approx(2 * 0.99 + 0.01, abs=0.06)   # one clip of 2 segments
+        assert f"{clip['snr_db']:6.1f} dB  {clip['file']}" in out
+    assert "codec check: 2 clips" in out and "these numbers mean nothing" in out
+
+
+def test_codec_check_names_the_clips_it_handles_poorly(tmp_path, capsys):
+    (tmp_path / "codec_check").mkdir()
+    compress.report_codec_check([("a.wav", 9.0, "x"), ("b.wav", 8.0, "y"), ("noise.wav", 1.5, "z")], str(tmp_path), "encodec_48khz")
+    out = capsys.readouterr().out
+    assert "median 8.0 dB, worst 1.5 dB; poor round trips (6 dB or more below the median): noise.wav (1.5 dB)" in out
+    assert "mean nothing" not in out

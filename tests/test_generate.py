@@ -98,8 +98,8 @@ def test_continue_from_audio_file(ckpt, tmp_path):
     codes = np.array(json.loads((tmp_path / "o" / "calm_minor_pad.mp3.json").read_text())["codes"])
     codec = common.load_codec("untrained", "", 0, 6.0, "cpu")
     wav = common.load_audio(str(tmp_path / "intro.wav"))[None, :, :48_000]
-    intro, _ = common.encode_clips(codec, wav)
-    assert codes.shape == (4, 375) and np.array_equal(codes[:, :150], intro[0].numpy())
+    [(intro, _)] = common.encode_clips(codec, [wav[0]])
+    assert codes.shape == (4, 375) and np.array_equal(codes[:, :150], intro.numpy())
 
 
 def test_bad_inputs_fail_before_any_model_work(ckpt, tmp_path):
@@ -243,7 +243,7 @@ def test_generate_py_streams_a_long_piece_with_every_option(ckpt, tmp_path):
     assert files == ["calm_minor_pad_0.wav", "calm_minor_pad_1.wav", "upbeat_major_arpeggio_0.wav", "upbeat_major_arpeggio_1.wav"]
     codec = common.load_codec("untrained", "", 0, 6.0, "cpu")
     intro = common.load_audio(str(tmp_path / "intro.wav"), last_seconds=4)
-    intro_codes, _ = common.encode_clips(codec, intro[None, :, :common.clip_samples(3)])
+    [(intro_codes, _)] = common.encode_clips(codec, [intro[:, :common.clip_samples(3)]])
     metas = {f: json.loads((tmp_path / "a" / f"{f}.json").read_text()) for f in files}
     batch = torch.stack([torch.tensor(m["codes"]) for m in sorted(metas.values(), key=lambda m: m["batch_index"])])
     with torch.no_grad():          # the package's own decode of all the codes at once, the batch as generate.py made it
@@ -251,7 +251,7 @@ def test_generate_py_streams_a_long_piece_with_every_option(ckpt, tmp_path):
     for f, meta in metas.items():
         codes = torch.tensor(meta["codes"])
         assert codes.shape == (4, 1500) and meta["top_p"] == 0.9 and meta["cfg"] == 2.0
-        assert torch.equal(codes[:, :450], intro_codes[0])
+        assert torch.equal(codes[:, :450], intro_codes)
         audio, sr = sf.read(tmp_path / "a" / f, dtype="int16")
         expected = (whole[meta["batch_index"]].clamp(-1, 1).numpy().T * 32767).astype(np.int16)
         assert sr == 48_000 and np.array_equal(audio, expected)
@@ -271,7 +271,7 @@ def test_an_interrupted_piece_is_kept_under_a_name_that_says_so(ckpt, tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     partial = tmp_path / "x.partial.wav"
     deadline = time.time() + 120
-    while time.time() < deadline and not (partial.exists() and partial.stat().st_size > 200_000):
+    while time.time() < deadline and not (partial.exists() and partial.stat().st_size > 1000):   # its first second is out
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=60)

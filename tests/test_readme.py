@@ -12,11 +12,12 @@ import example
 from conftest import ROOT, TINY_TRAIN
 
 SMALL = {
-    "compress.py": ["--codec=untrained", "--clip_seconds=2", "--min_seconds=1", "--num_workers=0", "--device=cpu"],
+    "compress.py": ["--codec=untrained", "--clip_seconds=2", "--min_seconds=1", "--num_workers=0", "--device=cpu", "--check_codec=2"],
     "deploy.py": TINY_TRAIN + ["--max_steps=4", "--eval_interval=2", "--sample_interval=4", "--sample_seconds=0.5"],
     "generate.py": ["--seconds=1", "--device=cpu"],
     "example.py": ["--clips_per_label=1", "--clip_seconds=3", "--steps=4", "--seconds=1", "--out=example_small"],
-    "bench.py": ["--seq_lens=64", "--decode_steps=20", "--memory_seq_len=64", "--cap_seconds=120", "--device=cpu"],
+    "bench.py": ["--parts=decode,generate,encode", "--modes=eager", "--rounds=1", "--decode_steps=20", "--encode_clips=1",
+                 "--compress_clips=2", "--cap_seconds=300", "--device=cpu"],
 }
 
 
@@ -66,4 +67,4 @@ def test_every_readme_command_runs(tmp_path):
     assert (tmp_path / "runs" / "lofi-8gpu" / "ckpt.pt").exists()
     assert {"chill_lofi_relaxed.mp3", "upbeat_drums.mp3", "jazz_piano.mp3"} <= set(os.listdir(tmp_path / "samples"))
     assert len([f for f in os.listdir(tmp_path / "example_small" / "samples") if f.endswith(".mp3")]) == 12
-    assert "Training step" in (tmp_path / "BENCHMARKS.md").read_text()
+    assert "A decode step of the default model" in (tmp_path / "BENCHMARKS.md").read_text()

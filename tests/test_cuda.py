@@ -1,0 +1,48 @@
+"""The CUDA paths: skipped with the reason where no GPU is visible (run them on a GPU machine with
+`python -m pytest -q tests/test_cuda.py`)."""
+import pytest
+import torch
+
+import model as M
+from test_generate import open_tiny, stub_text_encoder
+from test_model import inputs, tiny
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible to torch")
+
+
+def on_cuda(text_encoder):
+    return lambda texts, device: tuple(t.to(device) for t in text_encoder(texts, device))
+
+
+def test_recurrent_decoding_equals_full_forward_on_cuda():
+    net = tiny(kernel="softmax", pattern="delay").eval().cuda()
+    tokens, text, mask = (t.cuda() for t in inputs(t=330))
+    with torch.no_grad():
+        full = net(tokens, text, mask)
+        state = net.init_state(2, "cuda")
+        worst = (net.prefill(tokens[..., :17], text, mask, state) - full[:, :, 16]).abs().max()
+        for t in range(17, 330):
+            worst = max(worst, (net.step(tokens[..., t], state) - full[:, :, t]).abs().max())
+    assert worst <= 1e-3
+
+
+@pytest.mark.parametrize("pattern", ["parallel", "delay"])
+def test_cuda_graph_decoding_samples_what_eager_samples(pattern):
+    net = open_tiny(pattern).cuda()
+    kwargs = dict(steps=60, device="cuda", seed=4, top_k=50, cfg=2.0)
+    eager = M.sample(net, on_cuda(stub_text_encoder), ["a", "b"], mode="eager", **kwargs)
+    graph = M.sample(net, on_cuda(stub_text_encoder), ["a", "b"], mode="graph", **kwargs)
+    refeed = M.sample(net, on_cuda(stub_text_encoder), ["a", "b"], refeed=True, **kwargs)
+    assert torch.equal(eager, graph) and torch.equal(eager, refeed)
+
+
+def test_bf16_autocast_training_step_on_cuda():
+    net = tiny(dropout=0.1).cuda()
+    tokens, text, mask = (t.cuda() for t in inputs(t=128))
+    targets = torch.randint(0, 1024, (2, 4, 128), device="cuda")
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, fused=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss, _ = net.loss(tokens, targets, text, mask)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in net.parameters())
+    opt.step()
