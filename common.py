@@ -584,6 +584,18 @@ def _untrained_codec(seed):
         torch.manual_seed(seed)
         model = EncodecModel.encodec_model_48khz(pretrained=False)
     model.eval()
+    books = [layer._codebook for layer in model.quantizer.vq.layers]
+    # the calibration takes seconds on a CPU: its result is kept in a cache (a pure function of the seed)
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "music-transformer",
+                         f"untrained-codec-{seed}-torch{torch.__version__}.pt")
+    try:
+        for book, entries in zip(books, torch.load(cache, weights_only=True)):
+            book.embed.copy_(entries)
+            book.embed_avg.copy_(entries)
+            book.inited.fill_(1)
+        return model
+    except Exception:
+        pass
     audio = _calibration_audio(seed)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
@@ -600,6 +612,12 @@ def _untrained_codec(seed):
             book.embed_avg.copy_(entries)
             book.inited.fill_(1)
             residual = residual - book.dequantize(book.quantize(residual))
+    try:
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        with atomic_path(cache) as tmp:
+            torch.save([book.embed.clone() for book in books], tmp)
+    except OSError:
+        pass          # no cache: the next run calibrates again
     return model
 
 

@@ -15,6 +15,7 @@ SMALL = {
     "compress.py": ["--codec=untrained", "--clip_seconds=2", "--min_seconds=1", "--num_workers=0", "--device=cpu", "--check_codec=2"],
     "deploy.py": TINY_TRAIN + ["--max_steps=4", "--eval_interval=2", "--sample_interval=4", "--sample_seconds=0.5"],
     "generate.py": ["--seconds=1", "--device=cpu"],
+    "export.py": [],
     "example.py": ["--clips_per_label=1", "--clip_seconds=3", "--steps=4", "--seconds=1", "--out=example_small"],
     "bench.py": ["--parts=decode,generate,encode", "--modes=eager", "--rounds=1", "--decode_steps=20", "--encode_clips=1",
                  "--compress_clips=2", "--cap_seconds=300", "--device=cpu"],
@@ -64,7 +65,9 @@ def test_every_readme_command_runs(tmp_path):
     run = tmp_path / "runs" / "lofi"
     assert {"ckpt.pt", "metrics.jsonl", "loss.png", "samples"} <= set(os.listdir(run))
     assert any(name.endswith(".mp3") for name in os.listdir(run / "samples"))
-    assert (tmp_path / "runs" / "lofi-8gpu" / "ckpt.pt").exists()
-    assert {"chill_lofi_relaxed.mp3", "upbeat_drums.mp3", "jazz_piano.mp3"} <= set(os.listdir(tmp_path / "samples"))
+    assert (tmp_path / "runs" / "lofi-8gpu" / "ckpt.pt").exists() and (tmp_path / "runs" / "lofi-tuned" / "ckpt.pt").exists()
+    assert sorted(os.listdir(tmp_path / "lofi-model")) == ["config.json", "model.safetensors"]
+    assert {"chill_lofi_relaxed.mp3", "upbeat_drums.mp3", "jazz_piano.mp3", "ambient_drone_slow.mp3"} <= set(os.listdir(tmp_path / "samples"))
+    assert (tmp_path / "data" / "codec_check" / "summary.json").exists()
     assert len([f for f in os.listdir(tmp_path / "example_small" / "samples") if f.endswith(".mp3")]) == 12
     assert "A decode step of the default model" in (tmp_path / "BENCHMARKS.md").read_text()
