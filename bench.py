@@ -209,12 +209,54 @@ def decoding_copy(net, dtype, dev):
 
 
 def decode_part(c, dev):
-    """ms per decode step of the default model: eager / compiled (CPU) or CUDA graph, fp32 / bf16 weights,
-    batch 1 / 2 (guidance), measured in interleaved rounds against the weight-read limit measured between
-    them; bf16's effect on the logits; recurrent decoding against re-feeding the sequence."""
+    """ms per decode step of the default model (see step_times); bf16's effect on the logits; recurrent
+    decoding against re-feeding the sequence; the codec's share of real time."""
     import model as M
     torch.manual_seed(0)
     base = our_model(dict(dropout=0.0), "cpu").eval()
+    out = step_times(base, c, dev)
+    fp32, bf16 = decoding_copy(base, torch.float32, dev), decoding_copy(base, torch.bfloat16, dev)
+    tokens = torch.randint(0, 1024, (1, 4, min(300, c["decode_steps"])), device=dev)
+    text = random_text(["x"], dev)
+    with torch.no_grad():
+        a, b_ = fp32(tokens, *text).float(), bf16(tokens, text[0].bfloat16(), text[1]).float()
+    kl = torch.nn.functional.kl_div(b_.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="none").sum(-1)
+    out["bf16"] = dict(max_abs=float((a - b_).abs().max()), mean_kl=float(kl.mean()), top1=float((a.argmax(-1) == b_.argmax(-1)).float().mean()))
+    out["refeed_steps"] = short = min(150, c["decode_steps"])
+    for name, refeed in (("recurrent_150_s", False), ("refeed_150_s", True)):
+        sync(dev)
+        t = time.time()
+        M.sample(fp32, random_text, ["x"], short, dev, cfg=1.0, refeed=refeed)
+        sync(dev)
+        out[name] = time.time() - t
+    costs, lengths = [], [1, c["decode_steps"] // 2, c["decode_steps"]]
+    with torch.no_grad():
+        for n in lengths:
+            tokens = torch.randint(0, 1024, (1, 4, n), device=dev)
+            fp32(tokens, *text)
+            sync(dev)
+            t = time.time()
+            fp32(tokens, *text)
+            sync(dev)
+            costs.append(time.time() - t)
+    out["refeed_total_s"] = sum((lengths[i + 1] - lengths[i]) * (costs[i] + costs[i + 1]) / 2 for i in range(len(lengths) - 1))
+    codec = common.load_codec("untrained", "", 0, 6.0, dev)      # the codec's share: decoding one 1 s segment
+    stream, codes = common.SegmentStream(codec, 0.1), torch.randint(0, 1024, (1, 4, 150), device=dev)
+    with torch.no_grad():
+        stream.push(codes)
+        sync(dev)
+        t = time.perf_counter()
+        for _ in range(5):
+            stream.push(codes)
+        sync(dev)
+    out["codec_ms_per_second"] = 1e3 * (time.perf_counter() - t) / 5
+    return out
+
+
+def step_times(base, c, dev):
+    """ms per step for eager / compiled (CPU) or CUDA graph, fp32 / bf16 weights, batch 1 / 2 (guidance),
+    measured in interleaved rounds with the weight-read limit measured between them."""
+    import model as M
     wbytes = step_weight_bytes(base)
     modes = c["modes"].split(",") if c["modes"] else ["eager", "graph"] if dev.startswith("cuda") else ["eager", "compile"]
     runs = {}
@@ -226,7 +268,7 @@ def decode_part(c, dev):
                 tokens = torch.randint(0, 1024, (b, 4, 8), device=dev)
                 decoder.prefill(tokens, *random_text(["x"] * b, dev))
                 t = time.time()
-                decoder.step(tokens[..., 0])
+                decoder.step(tokens[..., 0])                          # compiles or captures
                 runs[(str(dtype)[6:], mode, b)] = dict(decoder=decoder, tokens=tokens[..., 0], setup_s=time.time() - t, times=[])
     limits = []
     for _ in range(c["rounds"]):
@@ -241,50 +283,8 @@ def decode_part(c, dev):
             sync(dev)
             r["times"].append((time.perf_counter() - t) / 20)
     median = lambda v: sorted(v)[len(v) // 2]
-    out = dict(limit_ms=1e3 * median(limits), weight_mb=wbytes / 1e6,
-               steps={"/".join(map(str, k)): dict(ms=1e3 * median(r["times"]), setup_s=r["setup_s"]) for k, r in runs.items()})
-    # bf16 against fp32 on the same 300 teacher-forced steps
-    fp32, bf16 = decoding_copy(base, torch.float32, dev), decoding_copy(base, torch.bfloat16, dev)
-    tokens = torch.randint(0, 1024, (1, 4, min(300, c["decode_steps"])), device=dev)
-    text = random_text(["x"], dev)
-    with torch.no_grad():
-        a, b_ = fp32(tokens, *text).float(), bf16.forward(tokens, text[0].bfloat16(), text[1]).float()
-    kl = torch.nn.functional.kl_div(b_.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="none").sum(-1)
-    out["bf16"] = dict(max_abs=float((a - b_).abs().max()), mean_kl=float(kl.mean()),
-                       top1=float((a.argmax(-1) == b_.argmax(-1)).float().mean()))
-    # recurrent vs re-feeding: the first 150 steps of a piece, and the whole cost of re-feeding decode_steps
-    net = decoding_copy(base, torch.float32, dev)
-    out["refeed_steps"] = short = min(150, c["decode_steps"])
-    for name, refeed in (("recurrent_150_s", False), ("refeed_150_s", True)):
-        sync(dev)
-        t = time.time()
-        M.sample(net, random_text, ["x"], short, dev, cfg=1.0, refeed=refeed)
-        sync(dev)
-        out[name] = time.time() - t
-    costs, lengths = [], [1, c["decode_steps"] // 2, c["decode_steps"]]
-    with torch.no_grad():
-        for n in lengths:
-            tokens = torch.randint(0, 1024, (1, 4, n), device=dev)
-            net(tokens, *text)
-            sync(dev)
-            t = time.time()
-            net(tokens, *text)
-            sync(dev)
-            costs.append(time.time() - t)
-    out["refeed_total_s"] = sum((lengths[i + 1] - lengths[i]) * (costs[i] + costs[i + 1]) / 2 for i in range(len(lengths) - 1))
-    # the codec's share of real time: decoding one 1 s segment
-    codec = common.load_codec("untrained", "", 0, 6.0, dev)
-    stream = common.SegmentStream(codec, 0.1)
-    codes = torch.randint(0, 1024, (1, 4, 150), device=dev)
-    with torch.no_grad():
-        stream.push(codes)
-        sync(dev)
-        t = time.perf_counter()
-        for _ in range(5):
-            stream.push(codes)
-        sync(dev)
-    out["codec_ms_per_second"] = 1e3 * (time.perf_counter() - t) / 5
-    return out
+    return dict(limit_ms=1e3 * median(limits), weight_mb=wbytes / 1e6,
+                steps={"/".join(map(str, k)): dict(ms=1e3 * median(r["times"]), setup_s=r["setup_s"]) for k, r in runs.items()})
 
 
 def long_part(c, dev):
@@ -473,132 +473,138 @@ def table(rows):
     return ["| " + " | ".join(map(str, r)) + " |" for r in [rows[0], ["---"] * len(rows[0])] + rows[1:]]
 
 
+# -----------------------------------------------------------------------------
+# the sections of BENCHMARKS.md: each runs its measurements (in fresh processes) and returns its lines
+
+def measured(c, sub, part, key, cap_factor):
+    """One part's figures from a fresh process, or None if it failed (its error is printed)."""
+    r = sub(dict(part=part), c["cap_seconds"] * cap_factor)
+    print(part, r, flush=True)
+    return r if key in r else None
+
+
+def train_section(c, sub, rate):
+    lines = ["### Training step (forward + backward + AdamW), batch 1\n"]
+    rows = [["seq_len", "ours (FAVOR+)", "ours, attention=softmax", "performer-pytorch reference", "ours vs reference"]]
+    for t in map(int, c["seq_lens"].split(",")):
+        found = {name: sub(dict(part="train", impl=name, seq_len=t)) for name in ("favor", "softmax", "performer")}
+        cells = [f"{r['seconds']:.2f} s, {r['peak_gib']:.2f} GiB, MFU {r['flops'] / r['seconds'] / rate:.0%}" if "seconds" in r
+                 else f"stopped: over {c['cap_seconds']} s" if r.get("capped") else f"failed: {r['error']}" for r in found.values()]
+        ours, theirs = found["favor"], found["performer"]
+        ratio = (f"{theirs['seconds'] / ours['seconds']:.1f}× faster" if "seconds" in theirs and "seconds" in ours
+                 else f"> {c['cap_seconds'] / ours['seconds']:.0f}× faster" if theirs.get("capped") and "seconds" in ours else "–")
+        rows.append([t, *cells, ratio])
+        print(t, cells, flush=True)
+    return lines + table(rows) + ["\nEach cell: seconds per step, peak memory (GPU: allocated; CPU: process peak RSS), MFU.\n"]
+
+
+def memory_section(c, sub, rate):
+    rows = [["depth", "parameters", "reversible", "not reversible"]]
+    for d in map(int, c["depths"].split(",")):
+        found = [sub(dict(part="train", impl="favor", seq_len=c["memory_seq_len"], depth=d, reversible=rev)) for rev in (True, False)]
+        cells = [f"{r['activation_gib']:.2f} GiB (peak {r['peak_gib']:.2f} GiB, {r['seconds']:.1f} s)" if "seconds" in r else "–"
+                 for r in found]
+        rows.append([d, next((f"{r['params'] / 1e6:.1f} M" for r in found if "params" in r), "–"), *cells])
+        print("depth", d, cells, flush=True)
+    return ([f"### Memory at seq_len {c['memory_seq_len']} (ours, FAVOR+): activation memory of a training step\n"] + table(rows)
+            + ["\nActivation memory = peak during the step − memory resident before it − the gradients.\n"])
+
+
+def decode_section(c, sub, rate):
+    r = measured(c, sub, "decode", "steps", 4)
+    if r is None:
+        return []
+    limit = r["limit_ms"]
+    rows = [["weights", "decode", "batch 1 (no guidance)", "batch 2 (guidance)", "guidance costs", "setup (compile / capture)"]]
+    for key in sorted({k.rsplit("/", 1)[0] for k in r["steps"]}):
+        one, two = r["steps"][f"{key}/1"], r["steps"][f"{key}/2"]
+        rows.append([*key.split("/"), f"{one['ms']:.2f} ms = {one['ms'] / limit:.2f}× limit",
+                     f"{two['ms']:.2f} ms = {two['ms'] / limit:.2f}× limit", f"{two['ms'] / one['ms']:.2f}× batch 1",
+                     f"{one['setup_s']:.0f} s"])
+    best = min(v["ms"] for k, v in r["steps"].items() if k.endswith("/1"))
+    per_second = best * common.FRAME_RATE + r["codec_ms_per_second"]
+    return ([f"### A decode step of the default model ({r['weight_mb']:.0f} MB of fp32 weights read per step)\n",
+             f"Limit: those bytes / the weight-read rate, measured between the rounds: **{limit:.2f} ms**. "
+             f"Each figure is the median of {c['rounds']} interleaved rounds of 20 steps.\n"] + table(rows) +
+            ["", f"bf16 weights against fp32 on {min(300, c['decode_steps'])} teacher-forced steps: largest logit difference "
+             f"{r['bf16']['max_abs']:.3f}, mean KL(fp32 ‖ bf16) {r['bf16']['mean_kl']:.2e} nats, same most likely code "
+             f"{r['bf16']['top1']:.1%} of the time.", "",
+             f"Real time at batch 1 with the fastest step ({best:.2f} ms): 150 steps + the codec's {r['codec_ms_per_second']:.0f} ms "
+             f"per second of audio = {per_second:.0f} ms per second: **{1000 / per_second:.2f}× real time**.", "",
+             f"Recurrent decoding against re-feeding the sequence (fp32, eager): first {r['refeed_steps']} steps "
+             f"{r['recurrent_150_s']:.1f} s against {r['refeed_150_s']:.1f} s ({r['refeed_150_s'] / r['recurrent_150_s']:.0f}× "
+             f"faster); re-feeding all {c['decode_steps']} steps would take {r['refeed_total_s']:.0f} s (Σ of measured forwards).\n"])
+
+
+def long_section(c, sub, rate):
+    r = measured(c, sub, "long", "relative/30", 4)
+    if r is None:
+        return []
+    rows = [["", "30 s", "3 min", "10 min"]]
+    for positions, how in (("relative", "state carried on (positions=relative)"),
+                           ("absolute", "windows of 30 s every 18 s (positions=absolute; re-prefill included)")):
+        rows.append([how] + [f"{r[f'{positions}/{s}']['ms']:.2f} ms, {r[f'{positions}/{s}']['mem_gib']:.2f} GiB" for s in (30, 180, 600)])
+    return (["### Long pieces: cost per step at 30 s, 3 min and 10 min (default model, guidance, eager)\n"] + table(rows)
+            + ["", "Memory: GPU allocated, or the CPU process's resident memory.\n"])
+
+
+def long_ce_section(c, sub, rate):
+    r = measured(c, sub, "long_ce", "relative/carry on", 12)
+    if r is None:
+        return []
+    rows = [["positions", "past 300 steps", "last training loss", "steps 0-299 (trained length)", "300-599", "600-1199"]]
+    rows += [[*key.split("/"), *[f"{x:.3f}" for x in v]] for key, v in r.items()]
+    return ([f"### Beyond the training length: cross-entropy (nats) of small models trained on 300-step crops "
+             f"({c['long_ce_steps']} steps), scored on 1200-step clips\n"] + table(rows)
+            + ["", "Uniform over a clip's 8-code key: 2.079 nats; knowing the key and the last code: 0.693.\n"])
+
+
+def generate_section(c, sub, rate):
+    r = measured(c, sub, "generate", "batch1", 4)
+    if r is None:
+        return []
+    rows = [["prompts", "total", "real time", "first second of audio on disk after"]]
+    rows += [[b, f"{r[f'batch{b}']['total_s']:.1f} s", f"{c['decode_steps'] / 150 / r[f'batch{b}']['total_s']:.2f}×",
+              f"{r[f'batch{b}']['first_audio_s']:.1f} s"] for b in (1, 4)]
+    return ([f"### generate.py's path end to end: {c['decode_steps'] / 150:g} s per prompt (cfg 3, decode={r['batch1']['mode']}, "
+             "streamed codec decode, MP3 written as it is made)\n"] + table(rows) + [""])
+
+
+def encode_section(c, sub, rate):
+    r = measured(c, sub, "encode", "loop", 4)
+    if r is None:
+        return []
+    rows = [["encode: the package's loop", "encode: all segments batched", "decode"],
+            [f"{r['loop']:.1f} audio-s/s", f"{r['batched']:.1f} audio-s/s ({r['batched'] / r['loop']:.2f}×)", f"{r['decode_x']:.1f} audio-s/s"]]
+    return ([f"### Encodec 48 kHz ({c['encode_clips']} clips × 10 s, best of {max(1, c['rounds'] // 2)} interleaved rounds)\n"]
+            + table(rows) + ["", f"compress.py end to end, {c['compress_clips']} synthetic clips of 5 s (2 reader processes, "
+                             f"encode=auto): {r['compress_s']:.0f} s = {r['compress_audio_s'] / r['compress_s']:.1f} audio-s/s.\n"])
+
+
+SECTIONS = dict(train=train_section, memory=memory_section, decode=decode_section, long=long_section,
+                long_ce=long_ce_section, generate=generate_section, encode=encode_section)
+PARTS = dict(train=train_step_part, decode=decode_part, long=long_part, long_ce=long_ce_part, generate=generate_part,
+             encode=encode_part)
+
+
 def main(argv):
     c = common.parse_settings(common.settings(globals()), argv)
     dev = common.pick_device(c["device"])
     if c["part"]:
-        fn = {"train": train_step_part, "decode": decode_part, "long": long_part, "long_ce": long_ce_part,
-              "generate": generate_part, "encode": encode_part}[c["part"]]
-        print(json.dumps(fn(c, dev)))
+        print(json.dumps(PARTS[c["part"]](c, dev)))
         return 0
     parts = c["parts"].split(",")
-    unknown = set(parts) - {"train", "memory", "decode", "long", "long_ce", "generate", "encode"}
-    if unknown:
-        raise common.UserError(f"parts: unknown {', '.join(sorted(unknown))}; use train, memory, decode, long, long_ce, generate, encode")
-    command = "python bench.py " + " ".join(argv)
+    if set(parts) - set(SECTIONS):
+        raise common.UserError(f"parts: unknown {', '.join(sorted(set(parts) - set(SECTIONS)))}; use {', '.join(SECTIONS)}")
     rate, read = matmul_rate(dev), weight_read_rate(dev)
-    cap = c["cap_seconds"]
     print(f"{machine(dev)}; matmul {rate / 1e9:.0f} GFLOP/s; weight reads {read / 1e9:.1f} GB/s", flush=True)
-    lines = [f"\n## {machine(dev)}\n", f"Command: `{command.strip()}`. Measured here: matmul {rate / 1e9:,.0f} GFLOP/s "
-             f"({'bf16' if dev.startswith('cuda') else 'fp32'}); a large fp32 matrix-vector product reads weights at "
-             f"{read / 1e9:.1f} GB/s. MFU = useful FLOPs (6·params·T + attention) / time / that matmul rate.\n"]
-    sub = lambda args, limit=cap: run_part(dict(args, device=dev, **{k: c[k] for k in ("decode_steps", "rounds", "modes", "long_steps",
-                                                                                       "long_ce_steps", "encode_clips", "compress_clips")}), limit)
-
-    if "train" in parts:
-        lines += ["### Training step (forward + backward + AdamW), batch 1\n",
-                  "| seq_len | ours (FAVOR+) | ours, attention=softmax | performer-pytorch reference | ours vs reference |",
-                  "|---|---|---|---|---|"]
-        for t in map(int, c["seq_lens"].split(",")):
-            cells, rows = [], {}
-            for name in ("favor", "softmax", "performer"):
-                r = sub(dict(part="train", impl=name, seq_len=t))
-                rows[name] = r
-                if "seconds" in r:
-                    cells.append(f"{r['seconds']:.2f} s, {r['peak_gib']:.2f} GiB, MFU {r['flops'] / r['seconds'] / rate:.0%}")
-                else:
-                    cells.append(f"stopped: over {cap} s" if r.get("capped") else f"failed: {r['error']}")
-                print(t, name, cells[-1], flush=True)
-            ratio = (f"{rows['performer']['seconds'] / rows['favor']['seconds']:.1f}× faster" if "seconds" in rows["performer"]
-                     else f"> {cap / rows['favor']['seconds']:.0f}× faster" if rows["performer"].get("capped") and "seconds" in rows["favor"] else "–")
-            lines.append(f"| {t} | " + " | ".join(cells) + f" | {ratio} |")
-        lines.append("\nEach cell: seconds per step, peak memory (GPU: allocated; CPU: process peak RSS), MFU.\n")
-
-    if "memory" in parts:
-        lines += [f"### Memory at seq_len {c['memory_seq_len']} (ours, FAVOR+): activation memory of a training step\n",
-                  "| depth | parameters | reversible | not reversible |", "|---|---|---|---|"]
-        for d in map(int, c["depths"].split(",")):
-            cells, params = [], "–"
-            for rev in (True, False):
-                r = sub(dict(part="train", impl="favor", seq_len=c["memory_seq_len"], depth=d, reversible=rev))
-                cells.append(f"{r['activation_gib']:.2f} GiB (peak {r['peak_gib']:.2f} GiB, {r['seconds']:.1f} s)" if "seconds" in r else "–")
-                params = f"{r['params'] / 1e6:.1f} M" if "params" in r else params
-            print("depth", d, cells, flush=True)
-            lines.append(f"| {d} | {params} | {cells[0]} | {cells[1]} |")
-        lines.append("\nActivation memory = peak during the step − memory resident before it − the gradients.\n")
-
-    if "decode" in parts:
-        r = sub(dict(part="decode"), cap * 4)
-        print("decode", r, flush=True)
-        if "steps" in r:
-            limit = r["limit_ms"]
-            lines += [f"### A decode step of the default model ({r['weight_mb']:.0f} MB of fp32 weights read per step)\n",
-                      f"Limit: those bytes / the weight-read rate, measured between the rounds: **{limit:.2f} ms**. "
-                      f"Each figure is the median of {c['rounds']} interleaved rounds of 20 steps.\n"]
-            rows = [["weights", "decode", "batch 1 (no guidance)", "batch 2 (guidance)", "guidance costs", "setup (compile / capture)"]]
-            for key in sorted({k.rsplit("/", 1)[0] for k in r["steps"]}):
-                one, two = r["steps"][f"{key}/1"], r["steps"][f"{key}/2"]
-                rows.append([*key.split("/"), f"{one['ms']:.2f} ms = {one['ms'] / limit:.2f}× limit",
-                             f"{two['ms']:.2f} ms = {two['ms'] / limit:.2f}× limit", f"{two['ms'] / one['ms']:.2f}× batch 1",
-                             f"{one['setup_s']:.0f} s"])
-            lines += table(rows)
-            best = min(v["ms"] for k, v in r["steps"].items() if k.endswith("/1"))
-            per_second = best * common.FRAME_RATE + r["codec_ms_per_second"]
-            lines += ["", f"bf16 weights against fp32 on {min(300, c['decode_steps'])} teacher-forced steps: largest logit difference {r['bf16']['max_abs']:.3f}, "
-                      f"mean KL(fp32 ‖ bf16) {r['bf16']['mean_kl']:.2e} nats, same most likely code {r['bf16']['top1']:.1%} of the time.", "",
-                      f"Real time at batch 1 with the fastest step ({best:.2f} ms): 150 steps + the codec's "
-                      f"{r['codec_ms_per_second']:.0f} ms per second of audio = {per_second:.0f} ms per second: "
-                      f"**{1000 / per_second:.2f}× real time**.", "",
-                      f"Recurrent decoding against re-feeding the sequence (fp32, eager): first {r['refeed_steps']} steps {r['recurrent_150_s']:.1f} s "
-                      f"against {r['refeed_150_s']:.1f} s ({r['refeed_150_s'] / r['recurrent_150_s']:.0f}× faster); re-feeding all "
-                      f"{c['decode_steps']} steps would take {r['refeed_total_s']:.0f} s (Σ of measured forwards).\n"]
-
-    if "long" in parts:
-        r = sub(dict(part="long"), cap * 4)
-        print("long", r, flush=True)
-        if "relative/30" in r:
-            lines += ["### Long pieces: cost per step at 30 s, 3 min and 10 min (default model, guidance, eager)\n"]
-            rows = [["", "30 s", "3 min", "10 min"]]
-            for positions, how in (("relative", "state carried on (positions=relative)"),
-                                   ("absolute", "windows of 30 s every 18 s (positions=absolute; re-prefill included)")):
-                rows.append([how] + [f"{r[f'{positions}/{s}']['ms']:.2f} ms, {r[f'{positions}/{s}']['mem_gib']:.2f} GiB"
-                                     for s in (30, 180, 600)])
-            lines += table(rows) + ["", "Memory: GPU allocated, or the CPU process's resident memory.\n"]
-
-    if "long_ce" in parts:
-        r = sub(dict(part="long_ce"), cap * 12)
-        print("long_ce", r, flush=True)
-        if "relative/carry on" in r:
-            lines += [f"### Beyond the training length: cross-entropy (nats) of small models trained on 300-step crops "
-                      f"({c['long_ce_steps']} steps), scored on 1200-step clips\n"]
-            rows = [["positions", "past 300 steps", "last training loss", "steps 0-299 (trained length)", "300-599", "600-1199"]]
-            for key, v in r.items():
-                rows.append([*key.split("/"), *[f"{x:.3f}" for x in v]])
-            lines += table(rows) + ["", "Uniform over a clip's 8-code key: 2.079 nats; knowing the key and the last code: 0.693.\n"]
-
-    if "generate" in parts:
-        r = sub(dict(part="generate"), cap * 4)
-        print("generate", r, flush=True)
-        if "batch1" in r:
-            lines += [f"### generate.py's path end to end: {c['decode_steps'] / 150:g} s per prompt (cfg 3, decode={r['batch1']['mode']}, "
-                      "streamed codec decode, MP3 written as it is made)\n"]
-            rows = [["prompts", "total", "real time", "first second of audio on disk after"]]
-            for b in (1, 4):
-                x = r[f"batch{b}"]
-                rows.append([b, f"{x['total_s']:.1f} s", f"{c['decode_steps'] / 150 / x['total_s']:.2f}×", f"{x['first_audio_s']:.1f} s"])
-            lines += table(rows) + [""]
-
-    if "encode" in parts:
-        r = sub(dict(part="encode"), cap * 4)
-        print("encode", r, flush=True)
-        if "loop" in r:
-            lines += [f"### Encodec 48 kHz ({c['encode_clips']} clips × 10 s, best of {max(1, c['rounds'] // 2)} interleaved rounds)\n",
-                      *table([["encode: the package's loop", "encode: all segments batched", "decode"],
-                              [f"{r['loop']:.1f} audio-s/s", f"{r['batched']:.1f} audio-s/s ({r['batched'] / r['loop']:.2f}×)",
-                               f"{r['decode_x']:.1f} audio-s/s"]]),
-                      "", f"compress.py end to end, {c['compress_clips']} synthetic clips of 5 s (2 reader processes, "
-                      f"encode=auto): {r['compress_s']:.0f} s = {r['compress_audio_s'] / r['compress_s']:.1f} audio-s/s.\n"]
-
+    lines = [f"\n## {machine(dev)}\n", f"Command: `{('python bench.py ' + ' '.join(argv)).strip()}`. Measured here: matmul "
+             f"{rate / 1e9:,.0f} GFLOP/s ({'bf16' if dev.startswith('cuda') else 'fp32'}); a large fp32 matrix-vector product "
+             f"reads weights at {read / 1e9:.1f} GB/s. MFU = useful FLOPs (6·params·T + attention) / time / that matmul rate.\n"]
+    passed = ("decode_steps", "rounds", "modes", "long_steps", "long_ce_steps", "encode_clips", "compress_clips")
+    sub = lambda args, limit=c["cap_seconds"]: run_part(dict(args, device=dev, **{k: c[k] for k in passed}), limit)
+    for part in parts:
+        lines += SECTIONS[part](c, sub, rate)
     if not os.path.exists(c["output"]):
         with open(c["output"], "w") as f:
             f.write("# Benchmarks\n\nWritten by `python bench.py`. Figures from different machines are in separate sections "

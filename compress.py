@@ -407,28 +407,17 @@ def validate(cfg):
             raise UserError(f"{name}={cfg[name]} must be between {low} and {high}")
 
 
-def main(argv):
-    cfg = common.parse_settings(common.settings(globals()), argv)
-    validate(cfg)
-    rank, local_rank, world = common.distributed_env()
-    dev = common.pick_device(cfg["device"])
-    if dev == "cuda" and world > 1:
-        dev = f"cuda:{local_rank}"
-    root, out_dir = os.path.abspath(cfg["input"]), os.path.abspath(cfg["output"])
-    common.check_writable(out_dir, "output")
-    common.remove_stale_temps(os.path.join(glob.escape(out_dir), f"shard-r{rank:03d}-*.h5"))   # from killed runs
-
-    n_q = int(cfg["bandwidth"] * 1000 // (common.FRAME_RATE * 10))
-    attrs = dict(format_version=FORMAT_VERSION, sample_rate=SAMPLE_RATE, frame_rate=common.FRAME_RATE, n_q=n_q,
-                 bandwidth=float(cfg["bandwidth"]), codec=common.codec_name(cfg["codec"], cfg["codec_seed"]),
-                 clip_seconds=int(cfg["clip_seconds"]), segment_steps=SEGMENT_STEPS,
-                 segment_stride_samples=SEGMENT_STRIDE)
+def find_audio(root, out_dir):
     files = sorted(os.path.relpath(p, root) for p in glob.glob(os.path.join(glob.escape(root), "**", "*"), recursive=True)
                    if p.lower().endswith(common.AUDIO_EXTENSIONS) and os.path.isfile(p)
                    and not os.path.abspath(p).startswith(out_dir + os.sep))
     if not files:
         raise UserError(f"no audio files ({', '.join(common.AUDIO_EXTENSIONS)}) found under {root}")
-    labels, orphans = load_labels(root, files)
+    return files
+
+
+def plan(files, root, out_dir, attrs, rank, world):
+    """This rank's files to encode, and those already in finished shards (same path, size and time)."""
     done = encoded_files(finished_shards(out_dir), attrs)
     todo, same, changed = [], [], []
     for rel in files[rank::world]:          # split first: shares never depend on timing
@@ -443,125 +432,171 @@ def main(argv):
     if changed:
         print(f"{len(changed)} files share a path with an encoded file but differ in size or modification time; they "
               f"are new audio and get encoded: {names(changed)}")
-    todo = sorted(todo + changed)
+    return sorted(todo + changed), same
+
+
+class Encoding:
+    """The main process's side of a run: read pieces come in (add), clips are encoded a batch at a time,
+    and each file, once all its clips are encoded, goes to the shard writer, in file order. Counts what
+    it did and where the time went."""
+
+    def __init__(self, cfg, codec, dev, writer, labels, root, out_dir, to_check, show_progress, total_seconds):
+        self.cfg, self.codec, self.dev, self.writer, self.labels = cfg, codec, dev, writer, labels
+        self.root, self.out_dir, self.to_check = root, out_dir, to_check
+        self.batched = cfg["encode"] == "batched" or (cfg["encode"] == "auto" and dev.startswith("cuda"))
+        self.stats, self.skipped, self.busy = Counter(), Counter(), Counter()
+        self.unlabeled, self.loud, self.checks = [], [], []
+        self.pending = []    # clips read but not yet encoded: [(file entry, index, (2, samples))]
+        self.files = []      # files in order, each {rel, clips: [[start, codes, scales]], summary, ...}
+        self.t0 = time.time()
+        self.bar = tqdm(total=total_seconds, unit="audio-s", dynamic_ncols=True, disable=not show_progress,
+                        bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s of audio encoded [{elapsed}<{remaining}{postfix}]")
+
+    def add(self, piece, entry, seconds):
+        """Take one piece of a file; returns the entry of the file still being read (None after its last piece)."""
+        if entry is None:
+            entry = dict(rel=piece["rel"], clips=[], encoded=0, summary=None, seconds=seconds, advanced=0.0)
+            self.files.append(entry)
+        for start, wav in piece["clips"]:
+            entry["clips"].append([start, None, None])
+            self.pending.append((entry, len(entry["clips"]) - 1, wav))
+        if piece["last"]:
+            self._file_read(entry, piece)
+            entry = None
+        if len(self.pending) >= self.cfg["batch_size"]:
+            self.encode_pending()
+        self.write_finished()
+        return entry
+
+    def _file_read(self, entry, r):
+        entry["summary"] = r
+        self.stats["dropped_remainders"] += r["dropped_seconds"] > 0
+        self.stats["silent_clips"] += r["silent_clips"]
+        if r["loud_clips"]:
+            self.loud.append((entry["rel"], r["loud_clips"], r["peak"]))
+        if r["reason"]:      # the whole file is skipped, clips read before the problem included
+            self.skipped[r["reason"]] += 1
+            self.pending[:] = [p for p in self.pending if p[0] is not entry]
+            self.files.remove(entry)
+            self.advance(entry, entry["seconds"])
+            tqdm.write(f"skip {r['rel']}: {r['reason']}{' (' + r['detail'] + ')' if r['detail'] else ''}")
+
+    def encode_pending(self):
+        if not self.pending:
+            return
+        t = time.time()
+        encoded = encode_batch(self.codec, [w for _, _, w in self.pending], self.dev, self.batched)
+        self.busy["encoding"] += time.time() - t
+        for (entry, i, wav), (codes, scales) in zip(self.pending, encoded):
+            entry["clips"][i][1:] = codes, scales
+            entry["encoded"] += 1
+            if i == 0 and entry["rel"] in self.to_check:
+                self.checks.append(check_round_trip(self.codec, wav, codes, scales, self.dev, entry["rel"], self.out_dir,
+                                                    len(self.checks)))
+            self.advance(entry, wav.shape[1] / SAMPLE_RATE)
+            self.stats["encoded_seconds"] += wav.shape[1] / SAMPLE_RATE
+        self.pending.clear()
+        rate = self.stats["encoded_seconds"] / 3600 / max(1e-9, time.time() - self.t0)
+        self.bar.set_postfix_str(f"{rate:.3f} audio-h/s", refresh=False)
+
+    def advance(self, entry, seconds):   # the bar counts each file's audio once: encoded clips, then the rest when it is done
+        seconds = min(seconds, entry["seconds"] - entry["advanced"])
+        entry["advanced"] += seconds
+        self.bar.update(seconds)
+
+    def write_finished(self):
+        while self.files and self.files[0]["summary"] and self.files[0]["encoded"] == len(self.files[0]["clips"]):
+            entry = self.files.pop(0)
+            self.advance(entry, entry["seconds"])
+            text = self.labels[entry["rel"]]
+            if text is None:
+                self.unlabeled.append(entry["rel"])
+            identity = file_identity(os.path.join(self.root, entry["rel"]))
+            for start, codes, scales in entry["clips"]:
+                self.writer.add(codes, scales, text or "", f"{entry['rel']}@{start:.2f}", identity)
+                self.stats["clips"] += 1
+                self.stats["steps"] += codes.shape[1]
+            self.stats["files"] += 1
+            if len(self.writer) >= self.cfg["shard_clips"]:
+                self.flush()
+
+    def flush(self):
+        t = time.time()
+        self.writer.flush()
+        self.busy["writing shards"] += time.time() - t
+
+    def run(self, pieces, durations):
+        """Read every piece (timing the waits for the readers), then encode and write what is left."""
+        entry, durations = None, iter(durations)
+        try:
+            while True:
+                t = time.time()
+                piece = next(pieces, None)
+                self.busy["waiting for audio"] += time.time() - t
+                if piece is None:
+                    break
+                entry = self.add(piece, entry, next(durations) if entry is None else None)
+            self.encode_pending()
+            self.write_finished()
+            self.flush()
+        finally:
+            self.bar.close()
+
+    def summary(self, attrs, orphans):
+        s, took = self.stats, max(1e-9, time.time() - self.t0)
+        print(f"done in {took:.0f} s: {s['files']} files → {s['clips']} clips, {s['steps'] / common.FRAME_RATE / 3600:.2f} h "
+              f"of audio (codec {attrs['codec']}, {s['encoded_seconds'] / took:.1f} audio-s/s), shards in {self.out_dir}; "
+              "time spent " + ", ".join(f"{k} {v / took:.0%}" for k, v in self.busy.items()))
+        print(f"skipped files: {sum(self.skipped.values())}" + "".join(f", {k}: {v}" for k, v in sorted(self.skipped.items())))
+        print(f"dropped: {s['dropped_remainders']} remainders shorter than min_seconds={self.cfg['min_seconds']}, "
+              f"{s['silent_clips']} silent clips")
+        if self.loud:
+            print(f"louder than full scale: {sum(n for _, n, _ in self.loud)} clips in {len(self.loud)} files (peak up to "
+                  f"{max(p for *_, p in self.loud):.2f}) were scaled down to peak 1.0, not clipped: "
+                  f"{names(r for r, *_ in self.loud)}")
+        if self.checks:
+            report_codec_check(self.checks, self.out_dir, attrs["codec"])
+        print(f"unlabeled files (empty text): {len(self.unlabeled)}" + (f": {names(self.unlabeled)}" if self.unlabeled else ""))
+        if orphans:
+            print(f"metadata rows that name no audio file (check spelling, folders and letter case): {len(orphans)}: "
+                  f"{names(orphans)}")
+
+
+def main(argv):
+    cfg = common.parse_settings(common.settings(globals()), argv)
+    validate(cfg)
+    rank, local_rank, world = common.distributed_env()
+    dev = common.pick_device(cfg["device"])
+    if dev == "cuda" and world > 1:
+        dev = f"cuda:{local_rank}"
+    root, out_dir = os.path.abspath(cfg["input"]), os.path.abspath(cfg["output"])
+    common.check_writable(out_dir, "output")
+    common.remove_stale_temps(os.path.join(glob.escape(out_dir), f"shard-r{rank:03d}-*.h5"))   # from killed runs
+    n_q = int(cfg["bandwidth"] * 1000 // (common.FRAME_RATE * 10))
+    attrs = dict(format_version=FORMAT_VERSION, sample_rate=SAMPLE_RATE, frame_rate=common.FRAME_RATE, n_q=n_q,
+                 bandwidth=float(cfg["bandwidth"]), codec=common.codec_name(cfg["codec"], cfg["codec_seed"]),
+                 clip_seconds=int(cfg["clip_seconds"]), segment_steps=SEGMENT_STEPS, segment_stride_samples=SEGMENT_STRIDE)
+    files = find_audio(root, out_dir)
+    labels, orphans = load_labels(root, files)
+    todo, same = plan(files, root, out_dir, attrs, rank, world)
     if not todo:
         print("nothing to do: every file is already encoded")
         return 0
 
-    codec_model = common.load_codec(cfg["codec"], cfg["codec_weights"], cfg["codec_seed"], cfg["bandwidth"], dev)
-    batched = cfg["encode"] == "batched" or (cfg["encode"] == "auto" and dev.startswith("cuda"))
+    codec = common.load_codec(cfg["codec"], cfg["codec_weights"], cfg["codec_seed"], cfg["bandwidth"], dev)
     if cfg["codec"] == "untrained":
         print(f"NOTE: codec=untrained ({attrs['codec']}): random Encodec weights, for tests and demos only. "
               "Tokens are not those of the real codec, and audio decoded from them will not sound like music.")
     os.makedirs(out_dir, exist_ok=True)
     writer = ShardWriter(out_dir, rank, cfg["clip_seconds"] * SEGMENT_STEPS, cfg["clip_seconds"], attrs)
-    stats, skipped, unlabeled, loud = Counter(), Counter(), [], []
+    n_check = min(cfg["check_codec"], len(todo)) if rank == 0 else 0
+    to_check = {todo[i * len(todo) // n_check] for i in range(n_check)} if n_check else set()
     jobs = [(os.path.join(root, rel), rel, cfg["clip_seconds"], cfg["min_seconds"]) for rel in todo]
     durations = [audio_seconds(job[0]) for job in jobs]
-    total = sum(durations)
-    bar = tqdm(total=total, unit="audio-s", dynamic_ncols=True, disable=rank != 0,
-               bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s of audio encoded [{elapsed}<{remaining}{postfix}]")
-    t0, busy = time.time(), Counter()   # where the time goes: encoding, waiting for the readers, writing
-    pending = []         # clips read but not yet encoded: [(file entry, index, (2, samples))]
-    n_check = min(cfg["check_codec"], len(todo)) if rank == 0 else 0
-    to_check, checks = {todo[i * len(todo) // n_check] for i in range(n_check)} if n_check else set(), []
-    files_open = []      # files in order, each {rel, clips: [[start, codes, scales]], summary}
-
-    def encode_pending():
-        if not pending:
-            return
-        t = time.time()
-        encoded = encode_batch(codec_model, [w for _, _, w in pending], dev, batched)
-        busy["encoding"] += time.time() - t
-        for (entry, i, wav), (codes, scales) in zip(pending, encoded):
-            entry["clips"][i][1:] = codes, scales
-            entry["encoded"] += 1
-            if i == 0 and entry["rel"] in to_check:
-                checks.append(check_round_trip(codec_model, wav, codes, scales, dev, entry["rel"], out_dir, len(checks)))
-            advance(entry, wav.shape[1] / SAMPLE_RATE)
-        stats["encoded_seconds"] += sum(w.shape[1] for *_, w in pending) / SAMPLE_RATE
-        pending.clear()
-        bar.set_postfix_str(f"{stats['encoded_seconds'] / 3600 / max(1e-9, time.time() - t0):.3f} audio-h/s", refresh=False)
-
-    def advance(entry, seconds):   # the bar counts each file's audio once: encoded clips, then the rest when it is done
-        seconds = min(seconds, entry["seconds"] - entry["advanced"])
-        entry["advanced"] += seconds
-        bar.update(seconds)
-
-    def write_finished():
-        while files_open and files_open[0]["summary"] and files_open[0]["encoded"] == len(files_open[0]["clips"]):
-            entry = files_open.pop(0)
-            advance(entry, entry["seconds"])
-            text = labels[entry["rel"]]
-            if text is None:
-                unlabeled.append(entry["rel"])
-            identity = file_identity(os.path.join(root, entry["rel"]))
-            for start, codes, scales in entry["clips"]:
-                writer.add(codes, scales, text or "", f"{entry['rel']}@{start:.2f}", identity)
-                stats["clips"] += 1
-                stats["steps"] += codes.shape[1]
-            stats["files"] += 1
-            if len(writer) >= cfg["shard_clips"]:
-                t = time.time()
-                writer.flush()
-                busy["writing shards"] += time.time() - t
-
-    try:
-        entry, durations, pieces = None, iter(durations), read_in_order(jobs, cfg["num_workers"])
-        while True:
-            t = time.time()
-            piece = next(pieces, None)
-            busy["waiting for audio"] += time.time() - t
-            if piece is None:
-                break
-            if entry is None:
-                entry = dict(rel=piece["rel"], clips=[], encoded=0, summary=None, seconds=next(durations), advanced=0.0)
-                files_open.append(entry)
-            for start, wav in piece["clips"]:
-                entry["clips"].append([start, None, None])
-                pending.append((entry, len(entry["clips"]) - 1, wav))
-            if piece["last"]:
-                r = entry["summary"] = piece
-                stats["dropped_remainders"] += r["dropped_seconds"] > 0
-                stats["silent_clips"] += r["silent_clips"]
-                if r["loud_clips"]:
-                    loud.append((entry["rel"], r["loud_clips"], r["peak"]))
-                if r["reason"]:      # the whole file is skipped, clips read before the problem included
-                    skipped[r["reason"]] += 1
-                    pending[:] = [p for p in pending if p[0] is not entry]
-                    files_open.remove(entry)
-                    advance(entry, entry["seconds"])
-                    tqdm.write(f"skip {r['rel']}: {r['reason']}{' (' + r['detail'] + ')' if r['detail'] else ''}")
-                entry = None
-            if len(pending) >= cfg["batch_size"]:
-                encode_pending()
-            write_finished()
-        encode_pending()
-        write_finished()
-        t = time.time()
-        writer.flush()
-        busy["writing shards"] += time.time() - t
-    finally:
-        bar.close()
-
-    hours = stats["steps"] / common.FRAME_RATE / 3600
-    took = max(1e-9, time.time() - t0)
-    print(f"done in {took:.0f} s: {stats['files']} files → {stats['clips']} clips, {hours:.2f} h of audio "
-          f"(codec {attrs['codec']}, {stats['encoded_seconds'] / took:.1f} audio-s/s), shards in {out_dir}; time spent "
-          + ", ".join(f"{k} {v / took:.0%}" for k, v in busy.items()))
-    print(f"skipped files: {sum(skipped.values())}" + "".join(f", {k}: {v}" for k, v in sorted(skipped.items())))
-    print(f"dropped: {stats['dropped_remainders']} remainders shorter than min_seconds={cfg['min_seconds']}, "
-          f"{stats['silent_clips']} silent clips")
-    if loud:
-        print(f"louder than full scale: {sum(n for _, n, _ in loud)} clips in {len(loud)} files (peak up to "
-              f"{max(p for *_, p in loud):.2f}) were scaled down to peak 1.0, not clipped: {names(r for r, *_ in loud)}")
-    if checks:
-        report_codec_check(checks, out_dir, attrs["codec"])
-    print(f"unlabeled files (empty text): {len(unlabeled)}" + (f": {names(unlabeled)}" if unlabeled else ""))
-    if orphans:
-        print(f"metadata rows that name no audio file (check spelling, folders and letter case): {len(orphans)}: "
-              f"{names(orphans)}")
-    if stats["clips"] == 0 and not same:
+    encoding = Encoding(cfg, codec, dev, writer, labels, root, out_dir, to_check, rank == 0, sum(durations))
+    encoding.run(read_in_order(jobs, cfg["num_workers"]), durations)
+    encoding.summary(attrs, orphans)
+    if encoding.stats["clips"] == 0 and not same:
         print("error: nothing could be encoded (see the skipped files above)", file=sys.stderr)
         return 1
     return 0

@@ -351,64 +351,24 @@ def train(config, data, rank, world, device, ckpt=None, init=None, resume_hint="
     resume exactly; init: model weights to start a new run from (--init_from). Returns the raw model."""
     c = SimpleNamespace(**config)
     master, cuda = rank == 0, device.startswith("cuda")
-    ckpt_path = os.path.join(c.out, "ckpt.pt")
     torch.manual_seed(c.seed + rank)
     autocast = torch.autocast("cuda", dtype=getattr(torch, c.dtype)) if cuda and c.dtype != "float32" else contextlib.nullcontext()
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     text_encoder = M.TextEncoder(c.text_encoder, device)
     text_encoder.encode_all(set(data.texts) | {""})    # once per distinct text, before training starts
     raw_model, optimizer = build(c, data.n_q, text_encoder.dim, device)
     ema = EMA(raw_model, c.ema_decay) if c.ema_decay > 0 else None
-    step, best_val, bad_steps = 0, float("inf"), 0
-    data_info = data.info(c)
-    if ckpt:
-        raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ema is not None:
-            ema.model.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"])
-        step, best_val = ckpt["step"], ckpt["best_val_loss"]
-        saved = ckpt["rng"][rank % len(ckpt["rng"])]   # with a new world size, ranks reuse the saved streams
-        torch.set_rng_state(saved["cpu"].cpu())
-        if cuda and saved["cuda"] is not None:
-            torch.cuda.set_rng_state(saved["cuda"].cpu(), device)
-    elif init is not None:
-        raw_model.load_state_dict(init)
-        if ema is not None:
-            ema.model.load_state_dict(init)
+    step, best_val = restore(ckpt, init, raw_model, ema, optimizer, rank, device)
     judge = ema.model if ema is not None else raw_model   # validation and samples use the EMA weights
     model = torch.compile(raw_model) if c.compile else raw_model
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if cuda else None)
-
-    monitor = Monitor(c.out, config, step if ckpt else None) if master else None
-    if master:
-        announce(c, data, raw_model, world, device, step, best_val, init is not None)
-        if c.sample_interval:
-            common.codec_for(data_info, c.codec_weights, "cpu")   # fail now, not hours in, if the codec is missing
-        if not ckpt:
-            found = baselines(data, c, raw_model.cfg.vocab)
-            if found:
-                monitor.log(dict(step=0, **found))
-                print(f"baselines on the validation clips: uniform {found['baseline_uniform']:.3f}, unigram "
-                      f"{found['baseline_unigram']:.3f}, bigram {found['baseline_bigram']:.3f} nats (fitted on "
-                      f"{found['baseline_clips']} training clips): the validation loss should go below the bigram's")
-
-    def save(why):   # every rank calls it at the same step: their random states are gathered
-        states = [rng_state(device)]
-        if world > 1:
-            states = [None] * world
-            torch.distributed.all_gather_object(states, rng_state(device))
-        if master:
-            M.save_checkpoint(ckpt_path, dict(
-                step=step, best_val_loss=best_val, config=config, data=data_info, model_config=asdict(raw_model.cfg),
-                model=raw_model.state_dict(), ema=ema.model.state_dict() if ema else None, optimizer=optimizer.state_dict(),
-                rng=states, data_position=dict(next_step=step, samples_per_step=c.batch_size * c.grad_accum * world)))
-            print(f"saved {ckpt_path} at step {step} ({why})")
+    data_info = data.info(c)
+    monitor = start_watching(c, config, data, data_info, raw_model, world, device, step, best_val, ckpt) if master else None
+    save = Checkpointer(c, config, data_info, raw_model, ema, optimizer, world, device, master)
 
     batches = iter(data.loader(step, c, rank, world, cuda))
-    stop, t_last, tokens_seen = StopSignal(world), time.time(), 0
+    stop, t_last, tokens_seen, bad_steps = StopSignal(world), time.time(), 0, 0
     try:
         while step < c.max_steps:
             if c.feature_redraw_interval and step % c.feature_redraw_interval == 0 and step > 0:
@@ -423,7 +383,7 @@ def train(config, data, rank, world, device, ckpt=None, init=None, resume_hint="
                 break
             bad_steps = 0 if finite else bad_steps + 1
             if not finite:
-                check_divergence(bad_steps, step, c, ckpt_path, master)
+                check_divergence(bad_steps, step, c, save.path, master)
             step += 1
             if finite and ema is not None:
                 ema.update(raw_model, step)
@@ -434,7 +394,7 @@ def train(config, data, rank, world, device, ckpt=None, init=None, resume_hint="
             if step % c.eval_interval == 0 or step == c.max_steps:
                 if master:
                     best_val = validate(judge, data, c, text_encoder, device, autocast, monitor, step, best_val)
-                save("evaluation")
+                save(step, best_val, "evaluation")
                 if master:
                     monitor.plot()
             if master and c.sample_interval and (step % c.sample_interval == 0 or step == c.max_steps):
@@ -443,15 +403,76 @@ def train(config, data, rank, world, device, ckpt=None, init=None, resume_hint="
             if stop.requested():
                 break
         if step < c.max_steps:
-            save("stopped by signal")
+            save(step, best_val, "stopped by signal")
             if master:
                 print(f"stopped at step {step}; continue with: {resume_hint}")
         elif master:
-            print(f"done: {step} steps, best validation loss {best_val:.4f}; checkpoint {ckpt_path}")
+            print(f"done: {step} steps, best validation loss {best_val:.4f}; checkpoint {save.path}")
         return raw_model
     finally:
         stop.restore()
         del batches
+
+
+def restore(ckpt, init, model, ema, optimizer, rank, device):
+    """Put a checkpoint back (weights, EMA, optimizer, this rank's random state) or start from `init`
+    weights. Returns (step, best validation loss)."""
+    if ckpt is None:
+        if init is not None:
+            model.load_state_dict(init)
+            if ema is not None:
+                ema.model.load_state_dict(init)
+        return 0, float("inf")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ema is not None:
+        ema.model.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"])
+    saved = ckpt["rng"][rank % len(ckpt["rng"])]   # with a new world size, ranks reuse the saved streams
+    torch.set_rng_state(saved["cpu"].cpu())
+    if device.startswith("cuda") and saved["cuda"] is not None:
+        torch.cuda.set_rng_state(saved["cuda"].cpu(), device)
+    return ckpt["step"], ckpt["best_val_loss"]
+
+
+class Checkpointer:
+    """save(step, best_val, why): every rank calls it at the same step (their random states are gathered);
+    rank 0 writes ckpt.pt through model.save_checkpoint."""
+
+    def __init__(self, c, config, data_info, model, ema, optimizer, world, device, master):
+        self.c, self.config, self.data_info, self.model, self.ema, self.optimizer = c, config, data_info, model, ema, optimizer
+        self.world, self.device, self.master = world, device, master
+        self.path = os.path.join(c.out, "ckpt.pt")
+
+    def __call__(self, step, best_val, why):
+        states = [rng_state(self.device)]
+        if self.world > 1:
+            states = [None] * self.world
+            torch.distributed.all_gather_object(states, rng_state(self.device))
+        if not self.master:
+            return
+        c = self.c
+        M.save_checkpoint(self.path, dict(
+            step=step, best_val_loss=best_val, config=self.config, data=self.data_info, model_config=asdict(self.model.cfg),
+            model=self.model.state_dict(), ema=self.ema.model.state_dict() if self.ema else None,
+            optimizer=self.optimizer.state_dict(), rng=states,
+            data_position=dict(next_step=step, samples_per_step=c.batch_size * c.grad_accum * self.world)))
+        print(f"saved {self.path} at step {step} ({why})")
+
+
+def start_watching(c, config, data, data_info, model, world, device, step, best_val, ckpt):
+    """Rank 0's start: what is about to happen, a codec that will be there for the samples, the baselines."""
+    announce(c, data, model, world, device, step, best_val, c.init_from and not ckpt)
+    if c.sample_interval:
+        common.codec_for(data_info, c.codec_weights, "cpu")   # fail now, not hours in, if the codec is missing
+    monitor = Monitor(c.out, config, step if ckpt else None)
+    if not ckpt:
+        found = baselines(data, c, model.cfg.vocab)
+        if found:
+            monitor.log(dict(step=0, **found))
+            print(f"baselines on the validation clips: uniform {found['baseline_uniform']:.3f}, unigram "
+                  f"{found['baseline_unigram']:.3f}, bigram {found['baseline_bigram']:.3f} nats (fitted on "
+                  f"{found['baseline_clips']} training clips): the validation loss should go below the bigram's")
+    return monitor
 
 
 def announce(c, data, model, world, device, step, best_val, fine_tune):
