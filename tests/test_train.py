@@ -245,6 +245,12 @@ def test_the_conditioning_gap_shows_whether_the_model_listens(tmp_path):
     assert gaps[True] > 0.2 and abs(gaps[False]) < 0.1
 
 
+def test_exchanged_labels_never_keep_their_own():
+    import train
+    assert train.exchanged(["a", "a", "b", "c"]) == ["b", "b", "c", "a"]
+    assert train.exchanged(["x", "x"]) is None and train.exchanged(["x"]) is None   # one label: no gap to measure
+
+
 def test_ema_is_the_average_it_claims_to_be(tmp_path):
     data = write_shards(tmp_path / "data")
     out = tmp_path / "run"
