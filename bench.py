@@ -396,7 +396,7 @@ def generate_part(c, dev):
     import tempfile
     import generate
     import model as M
-    net = our_model(dict(dropout=0.0), dev).eval()
+    net = decoding_copy(our_model(dict(dropout=0.0), "cpu").eval(), getattr(torch, generate.decode_dtype), dev)
     codec = common.load_codec("untrained", "", 0, 6.0, dev)
     mode = M.decode_mode("auto", dev, c["decode_steps"])
     result = {}
@@ -418,7 +418,7 @@ def generate_part(c, dev):
             for w in writers:
                 w.close()
             sync(dev)
-            result[f"batch{batch}"] = dict(total_s=time.time() - t, first_audio_s=first["s"], mode=mode)
+            result[f"batch{batch}"] = dict(total_s=time.time() - t, first_audio_s=first["s"], mode=mode, dtype=generate.decode_dtype)
     return result
 
 
@@ -576,7 +576,7 @@ def generate_section(c, sub, rate):
     rows += [[b, f"{r[f'batch{b}']['total_s']:.1f} s", f"{c['decode_steps'] / 150 / r[f'batch{b}']['total_s']:.2f}×",
               f"{r[f'batch{b}']['first_audio_s']:.1f} s"] for b in (1, 4)]
     return ([f"### generate.py's path end to end: {c['decode_steps'] / 150:g} s per prompt (cfg 3, decode={r['batch1']['mode']}, "
-             "streamed codec decode, MP3 written as it is made)\n"] + table(rows) + [""])
+             f"{r['batch1'].get('dtype', 'float32')} weights, streamed codec decode, MP3 written as it is made)\n"] + table(rows) + [""])
 
 
 def encode_section(c, sub, rate):
