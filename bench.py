@@ -204,10 +204,7 @@ def random_text(texts, device):
 
 def decoding_copy(net, dtype, dev):
     import copy
-    out = copy.deepcopy(net).to(dev)
-    for p in out.parameters():
-        p.data = p.data.to(dtype)
-    return out
+    return copy.deepcopy(net).for_decoding(dev, dtype)
 
 
 def decode_part(c, dev):

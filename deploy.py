@@ -262,14 +262,13 @@ def resolve(cfg, given):
     ckpt = init = None
     if cfg["resume"]:
         ckpt = M.load_checkpoint(ckpt_path)
-        saved = ckpt["config"]
-        changed = [k for k in given if k in M.MODEL_SETTINGS and cfg[k] != saved.get(k, ckpt["model_config"].get(k))]
-        if changed:
-            was = ", ".join(f"{k}={saved.get(k, ckpt['model_config'].get(k))}" for k in changed)
-            raise UserError(f"cannot change {', '.join(changed)} when resuming: the checkpoint's model has {was}")
-        # settings a checkpoint predates take the value that reproduces it: its model_config's (dataclass) defaults
+        # the model's settings are those it was built with (settings a checkpoint predates included)
         model_settings = {k: v for k, v in ckpt["model_config"].items() if k in M.MODEL_SETTINGS}
-        cfg = {**cfg, **saved, **model_settings, **{k: cfg[k] for k in given}, "resume": True}
+        changed = [k for k in given if k in model_settings and cfg[k] != model_settings[k]]
+        if changed:
+            was = ", ".join(f"{k}={model_settings[k]}" for k in changed)
+            raise UserError(f"cannot change {', '.join(changed)} when resuming: the checkpoint's model has {was}")
+        cfg = {**cfg, **ckpt["config"], **model_settings, **{k: cfg[k] for k in given}, "resume": True}
     elif cfg["init_from"]:
         source, info = M.load_model(cfg["init_from"])
         shape = {k: info["model"][k] for k in M.MODEL_SETTINGS}

@@ -102,9 +102,7 @@ def main(argv):
     model_cfg = model.cfg
     if c["cfg"] != 1 and info["cond_dropout"] <= 0:
         raise UserError("this model was trained with cond_dropout=0, so it has no unconditional mode: use --cfg=1")
-    model.to(dev, dtype)
-    for buf in model.buffers():      # FAVOR+ projections stay float32: the features are computed in it
-        buf.data = buf.data.float()
+    model.for_decoding(dev, dtype)
     text_encoder = M.TextEncoder(info["text_encoder"], dev)
     data_info = info["data"]
     codec = common.codec_for(data_info, c["codec_weights"], dev)

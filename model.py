@@ -571,6 +571,14 @@ class MusicTransformer(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
+    def for_decoding(self, device, dtype):
+        """This model, for sampling: on `device`, weights in `dtype`, eval mode. The FAVOR+ projections
+        (buffers) stay float32, since the features are computed in it."""
+        self.to(device).eval()
+        for p in self.parameters():
+            p.data = p.data.to(dtype)
+        return self
+
     def _embed(self, tokens, positions):
         """tokens (B, n_q, T) at `positions` (T,) → (B, T, dim), and the rotary table."""
         x = sum(emb(tokens[:, k]) for k, emb in enumerate(self.embed))
@@ -669,7 +677,7 @@ class Decoder:
     step is then captured as a CUDA graph too)."""
 
     def __init__(self, model, batch, device, mode="eager"):
-        self.model, self.mode = model, mode
+        self.model = model
         self.state = model.init_state(batch, device, next(model.parameters()).dtype)
         self.step_fn = torch.compile(model.step, fullgraph=True, dynamic=False) if mode == "compile" else model.step
         self.replay = mode == "graph" or (mode == "compile" and str(device).startswith("cuda"))

@@ -194,8 +194,9 @@ class Monitor:
         if top.get_lines():
             top.legend(fontsize=8)
         top.grid(alpha=0.3)
+        own = dict(self.series("val_loss"))
         for key, name in (("conditioning_gap", "labels exchanged − own labels"), ("val_loss_empty", "empty text − own labels")):
-            points = [(s, v - dict(self.series("val_loss"))[s]) for s, v in self.series(key)] if key == "val_loss_empty" else self.series(key)
+            points = [(s, v - own[s]) for s, v in self.series(key)] if key == "val_loss_empty" else self.series(key)
             if points:
                 bottom.plot(*zip(*points), marker="o", label=name)
         bottom.axhline(0, color="black", linewidth=0.8)
