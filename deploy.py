@@ -8,6 +8,7 @@ Train a music transformer on the .h5 shards written by compress.py.
 Effective batch = batch_size × grad_accum × number of processes. Ctrl-C or SIGTERM (a preempted VM)
 saves RUN_DIR/ckpt.pt and exits; --resume continues exactly where it stopped.
 """
+import dataclasses
 import glob
 import os
 import sys
@@ -262,8 +263,10 @@ def resolve(cfg, given):
     ckpt = init = None
     if cfg["resume"]:
         ckpt = M.load_checkpoint(ckpt_path)
-        # the model's settings are those it was built with (settings a checkpoint predates included)
-        model_settings = {k: v for k, v in ckpt["model_config"].items() if k in M.MODEL_SETTINGS}
+        # the settings the model was built with; one a checkpoint predates takes ModelConfig's default, the
+        # value it was built with (deploy.py's own default may have changed since, as positions' did)
+        built = dataclasses.asdict(M.ModelConfig.from_dict(ckpt["model_config"]))
+        model_settings = {k: v for k, v in built.items() if k in M.MODEL_SETTINGS}
         changed = [k for k in given if k in model_settings and cfg[k] != model_settings[k]]
         if changed:
             was = ", ".join(f"{k}={model_settings[k]}" for k in changed)

@@ -51,6 +51,19 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     assert all(torch.equal(ca["ema"][k], cb["ema"][k]) for k in ca["ema"])          # the EMA resumes exactly too
 
 
+def test_resuming_a_checkpoint_older_than_a_setting_rebuilds_its_model(tmp_path):
+    """A checkpoint written before `positions` existed was trained with that setting's old value, the
+    dataclass default (absolute): resuming rebuilds that model, not deploy.py's newer default."""
+    data = write_shards(tmp_path / "data")
+    run(data, tmp_path / "run", "--max_steps=2", "--eval_interval=2", "--positions=absolute")
+    path = tmp_path / "run" / "ckpt.pt"
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["config"]["positions"], ckpt["model_config"]["positions"]
+    M.save_checkpoint(str(path), ckpt)
+    deploy.main(["--out", str(tmp_path / "run"), "--data", str(data), "--resume", "--max_steps=3"])
+    assert torch.load(path, weights_only=True)["model_config"]["positions"] == M.ModelConfig.positions == "absolute"
+
+
 def test_checkpoint_loads_weights_only_and_survives_a_crash_mid_write(tmp_path, monkeypatch):
     data = write_shards(tmp_path / "data")
     run(data, tmp_path / "run", "--max_steps=2", "--eval_interval=2")
