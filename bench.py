@@ -393,7 +393,7 @@ def generate_part(c, dev):
     import tempfile
     import generate
     import model as M
-    net = decoding_copy(our_model(dict(dropout=0.0), "cpu").eval(), getattr(torch, generate.decode_dtype), dev)
+    net = decoding_copy(our_model(dict(dropout=0.0), "cpu").eval(), torch.bfloat16, dev)    # generate.py's default at these batches
     codec = common.load_codec("untrained", "", 0, 6.0, dev)
     mode = M.decode_mode("auto", dev, c["decode_steps"])
     result = {}
@@ -415,7 +415,7 @@ def generate_part(c, dev):
             for w in writers:
                 w.close()
             sync(dev)
-            result[f"batch{batch}"] = dict(total_s=time.time() - t, first_audio_s=first["s"], mode=mode, dtype=generate.decode_dtype)
+            result[f"batch{batch}"] = dict(total_s=time.time() - t, first_audio_s=first["s"], mode=mode, dtype="bfloat16")
     return result
 
 

@@ -43,7 +43,7 @@ spectrogram = False          # also write a spectrogram .png beside each file
 continue_from = ""           # an audio file to continue (MusicGen-style continuation)
 overwrite = False            # replace earlier pieces of the same name (otherwise a number is added: name_1.mp3)
 decode = "auto"              # auto (torch.compile from 3 min on a GPU, from 30 s on a CPU; else a CUDA graph / eager), eager, compile, graph
-decode_dtype = "bfloat16"    # weights while decoding: bfloat16 (measured faster or equal on a GPU and a CPU) or float32
+decode_dtype = "auto"        # weights while decoding: auto (bfloat16 on a GPU, and on a CPU up to 8 rows a step), float32, bfloat16
 codec_weights = ""           # local Encodec weights (pretrained codec without internet)
 device = "auto"              # auto (cuda when available), cpu, cuda
 # -----------------------------------------------------------------------------
@@ -59,7 +59,7 @@ def validate(c):
     if round(c["seconds"] * common.FRAME_RATE) < 1:
         raise UserError(f"seconds={c['seconds']} is shorter than one codec step (1/{common.FRAME_RATE} s): ask for more")
     for name, allowed in (("format", ("mp3", "wav")), ("decode", ("auto", "eager", "compile", "graph")),
-                          ("decode_dtype", ("float32", "bfloat16"))):
+                          ("decode_dtype", ("auto", "float32", "bfloat16"))):
         if c[name] not in allowed:
             raise UserError(f"{name}={c[name]!r}: use {' or '.join(allowed)}")
     if c["continue_from"] and not os.path.isfile(c["continue_from"]):
@@ -68,13 +68,17 @@ def validate(c):
 
 def decoding_setup(c, dev):
     """(mode, dtype) for decoding: a CUDA graph on a GPU, eager on a CPU, compiled for long pieces (see
-    model.decode_mode); bf16 weights unless asked otherwise (BENCHMARKS.md: 1.3-1.6× faster on the 2-core
-    CPU, as fast or faster on an H200; the logits move by at most 0.014)."""
+    model.decode_mode). Weights (BENCHMARKS.md; bf16 moves the logits by at most 0.014): bf16 on a GPU (as
+    fast or faster on an H200); on a CPU bf16 while a step has at most 8 rows (prompts × samples, twice
+    with guidance), where reading the weights dominates (1.3-1.6× faster at 1-2 rows), float32 above, where
+    this CPU's bf16 arithmetic, widened to fp32, made it slower (10-15 % at 24 rows)."""
     cuda = dev.startswith("cuda")
     mode = M.decode_mode(c["decode"], dev, round(c["seconds"] * common.FRAME_RATE))
     if mode == "graph" and not cuda:
         raise UserError("decode=graph needs a CUDA GPU: use --decode=eager (or auto)")
-    return mode, getattr(torch, c["decode_dtype"])
+    rows = len(c["prompt"]) * c["num_samples"] * (2 if c["cfg"] != 1 else 1)
+    dtype = c["decode_dtype"] if c["decode_dtype"] != "auto" else "bfloat16" if cuda or rows <= 8 else "float32"
+    return mode, getattr(torch, dtype)
 
 
 def prompt_codes(c, codec, model_cfg, steps, dev):

@@ -288,3 +288,11 @@ def test_compiled_decoding_equals_eager():
     eager = M.sample(net, stub_text_encoder, ["a", "b"], mode="eager", **kwargs)
     compiled = M.sample(net, stub_text_encoder, ["a", "b"], mode="compile", **kwargs)
     assert torch.equal(eager, compiled)
+
+
+def test_decode_weights_are_bf16_on_a_cpu_only_while_a_step_is_small():
+    c = dict(common.settings(vars(generate)), decode="eager", prompt=["a"], num_samples=1, cfg=3.0)
+    assert generate.decoding_setup(c, "cpu")[1] == torch.bfloat16                              # 2 rows
+    assert generate.decoding_setup(dict(c, prompt=["a"] * 5), "cpu")[1] == torch.float32       # 10 rows
+    assert generate.decoding_setup(dict(c, prompt=["a"] * 8, cfg=1.0), "cpu")[1] == torch.bfloat16
+    assert generate.decoding_setup(dict(c, decode_dtype="float32"), "cpu")[1] == torch.float32
