@@ -198,6 +198,26 @@ def step_weight_bytes(net):
     return sum(m.weight.numel() * 4 for m in net.modules() if isinstance(m, torch.nn.Linear) and m not in skip)
 
 
+def count_ops(fn):
+    """Operations fn() runs, views apart (a view launches no kernel), and the elements they allocate: the
+    cost of a decode step that does not depend on the machine. On a GPU each operation is a kernel, and a
+    CUDA graph's replay of a step costs about its kernel count times a few microseconds."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        ops = elements = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not func.is_view:
+                Count.ops += 1
+                Count.elements += sum(t.numel() for t in (out if isinstance(out, (tuple, list)) else [out]) if torch.is_tensor(t))
+            return out
+    with Count():
+        fn()
+    return Count.ops, Count.elements
+
+
 def random_text(texts, device):
     return torch.randn(len(texts), 16, 384, device=device), torch.ones(len(texts), 16, dtype=torch.bool, device=device)
 
@@ -266,9 +286,10 @@ def step_times(base, c, dev):
                 decoder = M.Decoder(net, b, dev, mode)
                 tokens = torch.randint(0, 1024, (b, 4, 8), device=dev)
                 decoder.prefill(tokens, *random_text(["x"] * b, dev))
+                ops = count_ops(lambda: net.step(tokens[..., 0], decoder.state))[0] if mode == "eager" else None
                 t = time.time()
                 decoder.step(tokens[..., 0])                          # compiles or captures
-                runs[(str(dtype)[6:], mode, b)] = dict(decoder=decoder, tokens=tokens[..., 0], setup_s=time.time() - t, times=[])
+                runs[(str(dtype)[6:], mode, b)] = dict(decoder=decoder, tokens=tokens[..., 0], setup_s=time.time() - t, times=[], ops=ops)
     limits = []
     for _ in range(c["rounds"]):
         limits.append(wbytes / weight_read_rate(dev))
@@ -283,7 +304,7 @@ def step_times(base, c, dev):
             r["times"].append((time.perf_counter() - t) / 20)
     median = lambda v: sorted(v)[len(v) // 2]
     return dict(limit_ms=1e3 * median(limits), weight_mb=wbytes / 1e6,
-                steps={"/".join(map(str, k)): dict(ms=1e3 * median(r["times"]), setup_s=r["setup_s"]) for k, r in runs.items()})
+                steps={"/".join(map(str, k)): dict(ms=1e3 * median(r["times"]), setup_s=r["setup_s"], ops=r["ops"]) for k, r in runs.items()})
 
 
 def long_part(c, dev):
@@ -521,12 +542,13 @@ def decode_section(c, sub, rate):
     if r is None:
         return []
     limit = r["limit_ms"]
-    rows = [["weights", "decode", "batch 1 (no guidance)", "batch 2 (guidance)", "guidance costs", "setup (compile / capture)"]]
+    rows = [["weights", "decode", "batch 1 (no guidance)", "batch 2 (guidance)", "guidance costs", "setup (compile / capture)",
+             "operations per step (eager; views apart)"]]
     for key in sorted({k.rsplit("/", 1)[0] for k in r["steps"]}):
         one, two = r["steps"][f"{key}/1"], r["steps"][f"{key}/2"]
         rows.append([*key.split("/"), f"{one['ms']:.2f} ms = {one['ms'] / limit:.2f}× limit",
                      f"{two['ms']:.2f} ms = {two['ms'] / limit:.2f}× limit", f"{two['ms'] / one['ms']:.2f}× batch 1",
-                     f"{one['setup_s']:.0f} s"])
+                     f"{one['setup_s']:.0f} s", f"{one['ops']} / {two['ops']}" if one.get("ops") else ""])
     best = min(v["ms"] for k, v in r["steps"].items() if k.endswith("/1"))
     per_second = best * common.FRAME_RATE + r["codec_ms_per_second"]
     return ([f"### A decode step of the default model ({r['weight_mb']:.0f} MB of fp32 weights read per step)\n",

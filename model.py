@@ -285,39 +285,40 @@ class SelfAttention(nn.Module):
 
     def forward(self, x, ctx, state=None):
         b, t, _ = x.shape
-        q, k, v = self.to_qkv(x).view(b, t, 3, self.h, self.d).permute(2, 0, 3, 1, 4)  # each (B, H, T, d)
-        r = self.rotate_from
+        qkv = self.to_qkv(x).view(b, t, 3, self.h, self.d).permute(2, 0, 3, 1, 4)   # (3, B, H, T, d)
+        g, r = self.n_global, self.rotate_from
+        qk = qkv[:2]                                                    # queries and keys, rotated together
         if r:
-            q = torch.cat([q[:, :r], rotary(q[:, r:], ctx["rotary"])], 1)
-            k = torch.cat([k[:, :r], rotary(k[:, r:], ctx["rotary"])], 1)
+            local = rotary(qk[:, :, r:], ctx["rotary"])
         else:
-            q, k = rotary(q, ctx["rotary"]), rotary(k, ctx["rotary"])
-        g = self.n_global
+            qk = local = rotary(qk, ctx["rotary"])
         step = state is not None and ctx.get("step", False)
         outs = []
         if g:
             attend = self._favor if self.cfg.attention == "favor" else self._exact
-            outs.append(attend(q[:, :g], k[:, :g], v[:, :g], ctx, state, step))
+            outs.append(attend(qk[:, :, :g], qkv[2, :, :g], ctx, state, step))
         if g < self.h:
-            outs.append(self._local(q[:, g:], k[:, g:], v[:, g:], ctx, state, step))
+            outs.append(self._local(local[:, :, g - r:], qkv[2, :, g:], ctx, state, step))
         out = (torch.cat(outs, 1) if len(outs) > 1 else outs[0]).to(x.dtype).transpose(1, 2).reshape(b, t, -1)
         return self.drop(self.to_out(out))
 
-    def _favor(self, q, k, v, ctx, state, step):
+    def _favor(self, qk, v, ctx, state, step):
         softmax = self.cfg.kernel == "softmax"
-        with torch.autocast(q.device.type, enabled=False):
-            qf, _ = favor_features(q, self.projection, self.cfg.kernel, is_query=True)
-            kf, m = favor_features(k, self.projection, self.cfg.kernel, is_query=False)
+        with torch.autocast(v.device.type, enabled=False):
+            if softmax:
+                qf, _ = favor_features(qk[0], self.projection, self.cfg.kernel, is_query=True)
+                kf, m = favor_features(qk[1], self.projection, self.cfg.kernel, is_query=False)
+            else:                                                        # the same map for both: one product
+                (qf, kf), m = favor_features(qk, self.projection, self.cfg.kernel, is_query=True)
             v = v.float()
             if step:                                                     # one position, in place
-                kv = kf.transpose(-1, -2) @ _with_ones(v)                  # (B, H, F, D+1)
-                s = state["s"]
+                s, ve = state["s"], _with_ones(v)
                 if softmax:
                     m_new = torch.maximum(state["m"], m[..., 0])           # (B, H)
                     s.mul_(torch.exp(state["m"] - m_new)[..., None, None])
-                    kv = kv * torch.exp(m[..., 0] - m_new)[..., None, None]
+                    kf = kf * torch.exp(m[..., 0] - m_new)[..., None, None]
                     state["m"].copy_(m_new)
-                s.add_(kv)
+                s.add_(kf.transpose(-1, -2) @ ve)   # as a product: inductor 2.11 miscompiled the broadcast form here
                 out = qf @ s
                 return out[..., :-1] / out[..., -1:].clamp_min(1e-30)
             out = causal_linear_attention(qf, kf, v, m, self.cfg.chunk_size)
@@ -328,7 +329,8 @@ class SelfAttention(nn.Module):
                 state["s"].copy_(kf.transpose(-1, -2) @ _with_ones(v))
             return out
 
-    def _exact(self, q, k, v, ctx, state, step):
+    def _exact(self, qk, v, ctx, state, step):
+        q, k = qk
         if step:
             state["k"].index_copy_(2, ctx["pos"], k)
             state["v"].index_copy_(2, ctx["pos"], v)
@@ -338,9 +340,10 @@ class SelfAttention(nn.Module):
             state["v"][:, :, :k.shape[2]] = v
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
-    def _local(self, q, k, v, ctx, state, step):
+    def _local(self, qk, v, ctx, state, step):
         """Exact attention over the last local_window positions. Decoding keeps them in a ring: position p
         lives in slot p % window, so each step overwrites the oldest key and nothing moves."""
+        q, k = qk
         w = self.cfg.local_window
         if step:
             state["local_k"].index_copy_(2, ctx["slot"], k)
@@ -584,7 +587,7 @@ class MusicTransformer(nn.Module):
         x = sum(emb(tokens[:, k]) for k, emb in enumerate(self.embed))
         if self.cfg.positions == "absolute":
             x = x + sinusoid(positions, self.cfg.dim).to(x.dtype)
-        return self.drop(x), rotary_table(positions, self.cfg.dim_head)
+        return self.drop(x), tuple(t.to(x.dtype) for t in rotary_table(positions, self.cfg.dim_head))
 
     def _logits(self, x):
         x = self.norm(x)

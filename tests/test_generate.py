@@ -6,6 +6,7 @@ import pytest
 import soundfile as sf
 import torch
 
+import bench
 import common
 import deploy
 import example
@@ -162,23 +163,6 @@ def test_earlier_pieces_are_never_replaced_without_overwrite(ckpt, tmp_path):
 # -----------------------------------------------------------------------------
 # any length, heard while it is made
 
-def count_ops(fn):
-    """aten operations run by fn() and the elements they allocate: the cost of a decode step."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        ops = elements = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            Count.ops += 1
-            Count.elements += sum(t.numel() for t in (out if isinstance(out, (tuple, list)) else [out]) if torch.is_tensor(t))
-            return out
-    with Count():
-        fn()
-    return Count.ops, Count.elements
-
-
 @pytest.mark.parametrize("positions", ["absolute", "relative"])
 def test_a_decode_step_costs_the_same_at_any_position(positions):
     net = open_tiny("delay")
@@ -191,7 +175,7 @@ def test_a_decode_step_costs_the_same_at_any_position(positions):
     cost = []
     for t in range(600):
         if t in (3, 599):
-            cost.append(count_ops(lambda: net.step(tokens[..., 0], state)))
+            cost.append(bench.count_ops(lambda: net.step(tokens[..., 0], state)))
         else:
             net.step(tokens[..., 0], state)
     assert cost[0] == cost[1]
