@@ -29,7 +29,8 @@ rounds = 7                  # interleaved rounds of the decode-step measurement
 modes = ""                  # decode modes to compare (empty: eager and compile on a CPU, eager, graph and compile on a GPU)
 long_steps = 200            # steps measured at each position of a long piece
 long_ce_steps = 600         # training steps of each small model in the beyond-the-training-length measurement
-encode_clips = 8            # clips of 10 s in the encode comparison
+encode_clips = 8            # clips in the encode comparison
+encode_seconds = 10         # ... of this many seconds (whole codec segments) each
 compress_clips = 240        # synthetic clips for compress.py end to end
 memory_seq_len = 4500       # seq_len of the memory-versus-depth table
 depths = "3,6,12"           # depths of the memory table
@@ -442,7 +443,7 @@ def generate_part(c, dev):
 
 def encode_part(c, dev):
     """Encodec 48 kHz encode: the package's loop and all segments batched, audio-seconds per second, side by
-    side in interleaved rounds (8 clips of 10 s); and compress.py end to end on synthetic clips."""
+    side in interleaved rounds (encode_clips of encode_seconds); and compress.py end to end on synthetic clips."""
     import shutil
     import tempfile
     import compress
@@ -450,7 +451,7 @@ def encode_part(c, dev):
     import soundfile as sf
     codec = common.load_codec("untrained", "", 0, 6.0, dev)
     g = torch.Generator().manual_seed(0)
-    clips = [torch.randn(2, common.clip_samples(10), generator=g).to(dev) * 0.1 for _ in range(c["encode_clips"])]
+    clips = [torch.randn(2, common.clip_samples(c["encode_seconds"]), generator=g).to(dev) * 0.1 for _ in range(c["encode_clips"])]
     seconds = sum(x.shape[-1] for x in clips) / common.SAMPLE_RATE
     times = {"loop": [], "batched": []}
     with torch.inference_mode():
@@ -465,7 +466,7 @@ def encode_part(c, dev):
         codes = [code for code, _ in common.encode_clips(codec, clips[:2])]
         common.decode_codes(codec, torch.stack(codes), 0.1)
         sync(dev)
-        decode_rate = len(codes) * 10 / (time.time() - decode_t)
+        decode_rate = len(codes) * c["encode_seconds"] / (time.time() - decode_t)
     out = {k: seconds / min(v) for k, v in times.items()}
     out["decode_x"] = decode_rate
     folder = tempfile.mkdtemp()
@@ -604,7 +605,7 @@ def encode_section(c, sub, rate):
         return []
     rows = [["encode: the package's loop", "encode: all segments batched", "decode"],
             [f"{r['loop']:.1f} audio-s/s", f"{r['batched']:.1f} audio-s/s ({r['batched'] / r['loop']:.2f}×)", f"{r['decode_x']:.1f} audio-s/s"]]
-    return ([f"### Encodec 48 kHz ({c['encode_clips']} clips × 10 s, best of {max(1, c['rounds'] // 2)} interleaved rounds)\n"]
+    return ([f"### Encodec 48 kHz ({c['encode_clips']} clips × {c['encode_seconds']:g} s, best of {max(1, c['rounds'] // 2)} interleaved rounds)\n"]
             + table(rows) + ["", f"compress.py end to end, {c['compress_clips']} synthetic clips of 5 s (2 reader processes, "
                              f"encode=auto): {r['compress_s']:.0f} s = {r['compress_audio_s'] / r['compress_s']:.1f} audio-s/s.\n"])
 
@@ -630,7 +631,7 @@ def main(argv):
     lines = [f"\n## {machine(dev)}\n", f"Command: `{('python bench.py ' + ' '.join(argv)).strip()}`. Measured here: matmul "
              f"{rate / 1e9:,.0f} GFLOP/s ({'bf16' if dev.startswith('cuda') else 'fp32'}); a large fp32 matrix-vector product "
              f"reads weights at {read / 1e9:.1f} GB/s. MFU = useful FLOPs (6·params·T + attention) / time / that matmul rate.\n"]
-    passed = ("decode_steps", "rounds", "modes", "long_steps", "long_ce_steps", "encode_clips", "compress_clips")
+    passed = ("decode_steps", "rounds", "modes", "long_steps", "long_ce_steps", "encode_clips", "encode_seconds", "compress_clips")
     sub = lambda args, limit=c["cap_seconds"]: run_part(dict(args, device=dev, **{k: c[k] for k in passed}), limit)
     for part in parts:
         lines += SECTIONS[part](c, sub, rate)
