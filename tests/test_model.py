@@ -163,6 +163,16 @@ def test_recurrent_decoding_equals_full_forward(kernel, attention, pattern, cros
     assert set(before) <= set(after_prefill)          # prefill fills the state in place, adding only the text's keys/values
 
 
+def test_the_decoding_copy_folds_its_gates_and_computes_the_same():
+    net = tiny().eval()
+    tokens, text, mask = inputs(t=40)
+    with torch.no_grad():
+        expected = net(tokens, text, mask)
+        decoding = net.for_decoding("cpu", torch.float32)
+        assert all(b.f.gate is None and b.g.gate is None for b in decoding.blocks)
+        assert (decoding(tokens, text, mask) - expected).abs().max() <= 1e-5
+
+
 def test_reversible_gradients_equal_plain_backprop_with_dropout():
     rev = tiny(dropout=0.1).train()
     plain = tiny(dropout=0.1, reversible=False).train()
