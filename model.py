@@ -691,7 +691,7 @@ class Decoder:
     def __init__(self, model, batch, device, mode="eager"):
         self.model = model
         self.state = model.init_state(batch, device, next(model.parameters()).dtype)
-        self.step_fn = torch.compile(model.step, fullgraph=True, dynamic=False) if mode == "compile" else model.step
+        self.compiled = torch.compile(model.step, fullgraph=True, dynamic=False) if mode == "compile" else None
         self.replay = mode == "graph" or (mode == "compile" and str(device).startswith("cuda"))
         self.graph = None
 
@@ -708,13 +708,13 @@ class Decoder:
         return self.logits
 
     def _run(self, tokens):
-        if self.step_fn is not self.model.step:
+        if self.compiled is not None:
             try:
-                return self.step_fn(tokens, self.state)
+                return self.compiled(tokens, self.state)
             except Exception as e:   # no C++ compiler, an unsupported platform: say so loudly, go on uncompiled
                 print(f"\n*** decode=compile failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:120]}); "
                       "decoding without it instead, about twice as slow ***\n", file=sys.stderr)
-                self.step_fn = self.model.step
+                self.compiled = None
         return self.model.step(tokens, self.state)
 
     def _capture(self, tokens):

@@ -280,3 +280,10 @@ def test_decode_weights_are_bf16_on_a_cpu_only_while_a_step_is_small():
     assert generate.decoding_setup(dict(c, prompt=["a"] * 5), "cpu")[1] == torch.float32       # 10 rows
     assert generate.decoding_setup(dict(c, prompt=["a"] * 8, cfg=1.0), "cpu")[1] == torch.bfloat16
     assert generate.decoding_setup(dict(c, decode_dtype="float32"), "cpu")[1] == torch.float32
+
+
+def test_an_eager_decode_error_is_not_reported_as_a_compile_failure(capsys):
+    decoder = M.Decoder(open_tiny("parallel"), 1, "cpu", "eager")
+    with pytest.raises(KeyError):                      # a step before prefill: the text's keys are missing
+        decoder.step(torch.zeros(1, 4, dtype=torch.long))
+    assert "decode=compile failed" not in capsys.readouterr().err
