@@ -287,18 +287,16 @@ class SelfAttention(nn.Module):
         b, t, _ = x.shape
         qkv = self.to_qkv(x).view(b, t, 3, self.h, self.d).permute(2, 0, 3, 1, 4)   # (3, B, H, T, d)
         g, r = self.n_global, self.rotate_from
-        qk = qkv[:2]                                                    # queries and keys, rotated together
-        if r:
-            local = rotary(qk[:, :, r:], ctx["rotary"])
-        else:
-            qk = local = rotary(qk, ctx["rotary"])
+        # queries and keys of the heads that see positions (from head r on: all, or the local ones), rotated together
+        rotated = rotary(qkv[:2, :, r:], ctx["rotary"])
+        qk = rotated if r == 0 else qkv[:2]
         step = state is not None and ctx.get("step", False)
         outs = []
         if g:
             attend = self._favor if self.cfg.attention == "favor" else self._exact
             outs.append(attend(qk[:, :, :g], qkv[2, :, :g], ctx, state, step))
         if g < self.h:
-            outs.append(self._local(local[:, :, g - r:], qkv[2, :, g:], ctx, state, step))
+            outs.append(self._local(rotated[:, :, g - r:], qkv[2, :, g:], ctx, state, step))
         out = (torch.cat(outs, 1) if len(outs) > 1 else outs[0]).to(x.dtype).transpose(1, 2).reshape(b, t, -1)
         return self.drop(self.to_out(out))
 
