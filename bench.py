@@ -275,6 +275,7 @@ def decode_part(c, dev):
 
 def step_times(base, c, dev):
     """ms per step for eager / compiled (CPU) or CUDA graph, fp32 / bf16 weights, batch 1 / 2 (guidance),
+    and at batch 2 the step with the sampler after it (Decoder.advance: what generate.py runs per step),
     measured in interleaved rounds with the weight-read limit measured between them."""
     import model as M
     wbytes = step_weight_bytes(base)
@@ -284,23 +285,29 @@ def step_times(base, c, dev):
         net = decoding_copy(base, dtype, dev)
         for mode in modes:
             for b in (1, 2):
-                decoder = M.Decoder(net, b, dev, mode)
+                decoder = M.Decoder(net, b, dev, mode, top_k=250, cfg=3.0 if b == 2 else 1.0)
                 tokens = torch.randint(0, 1024, (b, 4, 8), device=dev)
                 decoder.prefill(tokens, *random_text(["x"] * b, dev))
                 ops = count_ops(lambda: net.step(tokens[..., 0], decoder.state))[0] if mode == "eager" else None
-                t = time.time()
-                decoder.step(tokens[..., 0])                          # compiles or captures
-                runs[(str(dtype)[6:], mode, b)] = dict(decoder=decoder, tokens=tokens[..., 0], setup_s=time.time() - t, times=[], ops=ops)
+                calls = {b: lambda d=decoder, x=tokens[..., 0]: d.step(x)}
+                if b == 2:
+                    column = torch.full((1, 4), M.UNKNOWN, device=dev)
+                    noise = torch.empty(1, 4, 1024, device=dev).exponential_()
+                    calls["2+sampler"] = lambda d=decoder, x=tokens[:1, :, 0]: d.advance(x, column, noise)
+                for key, call in calls.items():
+                    t = time.time()
+                    call()                                            # compiles or captures
+                    runs[(str(dtype)[6:], mode, key)] = dict(call=call, setup_s=time.time() - t, times=[], ops=ops)
     limits = []
     for _ in range(c["rounds"]):
         limits.append(wbytes / weight_read_rate(dev))
         for r in runs.values():
             for _ in range(3):
-                r["decoder"].step(r["tokens"])
+                r["call"]()
             sync(dev)
             t = time.perf_counter()
             for _ in range(20):
-                r["decoder"].step(r["tokens"])
+                r["call"]()
             sync(dev)
             r["times"].append((time.perf_counter() - t) / 20)
     median = lambda v: sorted(v)[len(v) // 2]
@@ -543,12 +550,13 @@ def decode_section(c, sub, rate):
     if r is None:
         return []
     limit = r["limit_ms"]
-    rows = [["weights", "decode", "batch 1 (no guidance)", "batch 2 (guidance)", "guidance costs", "setup (compile / capture)",
-             "operations per step (eager; views apart)"]]
+    rows = [["weights", "decode", "batch 1 (no guidance)", "batch 2 (guidance)", "guidance costs",
+             "batch 2 with the sampler (generate.py's step)", "setup (compile / capture)", "operations per step (eager; views apart)"]]
     for key in sorted({k.rsplit("/", 1)[0] for k in r["steps"]}):
-        one, two = r["steps"][f"{key}/1"], r["steps"][f"{key}/2"]
+        one, two, full = (r["steps"].get(f"{key}/{b}") for b in (1, 2, "2+sampler"))
         rows.append([*key.split("/"), f"{one['ms']:.2f} ms = {one['ms'] / limit:.2f}× limit",
                      f"{two['ms']:.2f} ms = {two['ms'] / limit:.2f}× limit", f"{two['ms'] / one['ms']:.2f}× batch 1",
+                     f"{full['ms']:.2f} ms = {full['ms'] / two['ms']:.2f}× the step" if full else "",
                      f"{one['setup_s']:.0f} s", f"{one['ops']} / {two['ops']}" if one.get("ops") else ""])
     best = min(v["ms"] for k, v in r["steps"].items() if k.endswith("/1"))
     per_second = best * common.FRAME_RATE + r["codec_ms_per_second"]

@@ -98,9 +98,13 @@ def from_layout(targets, pattern, steps):
 
 
 def inputs_from_targets(targets, vocab):
-    """The model reads the start token, then targets 0..T'-2; empty slots are read as the start token."""
-    shifted = torch.cat([targets.new_full(targets[..., :1].shape, vocab), targets[..., :-1]], dim=-1)
-    return shifted.masked_fill(shifted < 0, vocab)
+    """The model reads the start token, then targets 0..T'-2."""
+    return as_input(torch.cat([targets.new_full(targets[..., :1].shape, vocab), targets[..., :-1]], dim=-1), vocab)
+
+
+def as_input(targets, vocab):
+    """Empty slots (START) are read as the start token, id vocab."""
+    return targets.masked_fill(targets < 0, vocab)
 
 
 # -----------------------------------------------------------------------------
@@ -665,9 +669,17 @@ class MusicTransformer(nn.Module):
 # -----------------------------------------------------------------------------
 # sampling: one sampler for generate.py and for the samples written during training
 
-def sample_next(logits, top_k, top_p, temperature, generator):
-    """logits (..., V) → sampled ids (...), with top-k, then top-p, at the given temperature."""
-    logits = logits.float() / temperature
+def sample_next(logits, noise, top_k=250, top_p=1.0, temperature=1.0, cfg=1.0):
+    """logits (B, n_q, V), or (2B, n_q, V) with guidance (cfg != 1: the conditional rows, then the
+    unconditional ones) → sampled ids (B, n_q): the guidance mix, then temperature, top-k, top-p.
+    noise (B, n_q, V): Exp(1) draws. argmax(probs / noise) is a draw from probs (the exponential race:
+    what torch.multinomial does for one sample, with the same draws, less its checks of probs, which
+    cost a dozen kernels), so sampling is tensor operations only and can be captured in a CUDA graph."""
+    logits = logits.float()
+    if cfg != 1.0:
+        cond, uncond = logits.chunk(2)
+        logits = uncond + cfg * (cond - uncond)
+    logits = logits / temperature
     if top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -676,59 +688,86 @@ def sample_next(logits, top_k, top_p, temperature, generator):
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs > top_p          # keep the smallest set that reaches top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs.flatten(0, -2), 1, generator=generator).view(probs.shape[:-1])
+    return logits.softmax(-1).div_(noise).argmax(-1)
+
+
+def choose(logits, slot, noise, **sampling):
+    """A layout column (B, n_q): slot's given entries kept, its UNKNOWN ones sampled from logits."""
+    return torch.where(slot == UNKNOWN, sample_next(logits, noise, **sampling), slot)
 
 
 class Decoder:
-    """prefill() and step() of a model on one fixed-shape state. mode: eager; graph (CUDA: the step captured
-    once as a CUDA graph and replayed, one launch instead of hundreds); compile (torch.compile of the step,
-    its hundreds of small operations fused into a few kernels: on a CPU the fastest; on a GPU the compiled
-    step is then captured as a CUDA graph too)."""
+    """prefill(), then step() (the model's step: logits) or advance() (a step and sampling from it: the
+    next layout column) on one fixed-shape state. mode: eager; graph (CUDA: each captured once as a CUDA
+    graph and replayed, one launch instead of hundreds); compile (torch.compile, hundreds of small
+    operations fused into a few kernels: on a CPU the fastest; on a GPU then captured as a graph too).
+    sampling: sample_next's settings, for advance()."""
 
-    def __init__(self, model, batch, device, mode="eager"):
-        self.model = model
+    def __init__(self, model, batch, device, mode="eager", **sampling):
+        self.model, self.sampling = model, sampling
         self.state = model.init_state(batch, device, next(model.parameters()).dtype)
-        self.compiled = torch.compile(model.step, fullgraph=True, dynamic=False) if mode == "compile" else None
+        self.functions = dict(step=model.step, advance=self._advance)
+        self.compiled = {}            # name → the compiled function; None once compiling it failed
+        self.mode = mode
         self.replay = mode == "graph" or (mode == "compile" and str(device).startswith("cuda"))
-        self.graph = None
+        self.graphs = {}              # name → (CUDA graph, its input tensors, its output)
 
     def prefill(self, tokens, text, text_mask):
         return self.model.prefill(tokens, text, text_mask, self.state)
 
     def step(self, tokens):
-        if not self.replay:
-            return self._run(tokens)
-        if self.graph is None:
-            self._capture(tokens)
-        self.tokens.copy_(tokens)
-        self.graph.replay()
-        return self.logits
+        """tokens (B, n_q) → logits (B, n_q, vocab)."""
+        return self._call("step", tokens, self.state)
 
-    def _run(self, tokens):
-        if self.compiled is not None:
+    def advance(self, previous, slot, noise):
+        """Feed layout column `previous` (B, n_q) (to both halves of the batch with guidance) and return
+        the next column: slot (B, n_q) with its UNKNOWN entries sampled with noise (B, n_q, vocab)."""
+        return self._call("advance", previous, slot, noise)
+
+    def _advance(self, previous, slot, noise):
+        tokens = as_input(previous, self.model.cfg.vocab)
+        logits = self.model.step(torch.cat([tokens, tokens]) if self.sampling.get("cfg", 1.0) != 1.0 else tokens, self.state)
+        return choose(logits, slot, noise, **self.sampling)
+
+    def _call(self, name, *inputs):
+        if not self.replay:
+            return self._run(name, *inputs)
+        if name not in self.graphs:
+            self.graphs[name] = self._capture(name, inputs)
+        graph, static, output = self.graphs[name]
+        for s, x in zip(static, inputs):
+            if s is not x:
+                s.copy_(x)
+        graph.replay()
+        return output
+
+    def _run(self, name, *inputs):
+        if self.mode == "compile" and name not in self.compiled:
+            self.compiled[name] = torch.compile(self.functions[name], fullgraph=True, dynamic=False)
+        if self.compiled.get(name) is not None:
             try:
-                return self.compiled(tokens, self.state)
+                return self.compiled[name](*inputs)
             except Exception as e:   # no C++ compiler, an unsupported platform: say so loudly, go on uncompiled
                 print(f"\n*** decode=compile failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:120]}); "
                       "decoding without it instead, about twice as slow ***\n", file=sys.stderr)
-                self.compiled = None
-        return self.model.step(tokens, self.state)
+                self.compiled[name] = None
+        return self.functions[name](*inputs)
 
-    def _capture(self, tokens):
-        """Warm up (and compile) on a side stream, put the state back as it was, then record one step."""
+    def _capture(self, name, inputs):
+        """Warm up (and compile) on a side stream, put the state back as it was, then record one call."""
         saved = _clone_state(self.state)
-        self.tokens = tokens.clone()
+        static = [x if x is self.state else x.clone() for x in inputs]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._run(self.tokens)
+                self._run(name, *static)
         torch.cuda.current_stream().wait_stream(stream)
         _copy_state(self.state, saved)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self._run(self.tokens)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            output = self._run(name, *static)
+        return graph, static, output
 
 
 def decode_mode(requested, device, steps):
@@ -773,8 +812,10 @@ def generate(model, text_encoder, prompts, codes, seed=0, top_k=250, top_p=1.0, 
     Any length: a model whose positions are relative, with FAVOR+ attention, carries its state on (the
     same cost and memory per step at any length); any other model goes by windows of max_len steps,
     each new window re-prefilled with the last max_len - stride steps of the previous one (MusicGen's
-    extend_stride). refeed=True runs the whole window through forward() at every step instead of the
-    recurrent state: the slow reference method, which samples the same codes."""
+    extend_stride). Each step after a prefill is one Decoder.advance, the model's step and the sampler
+    together, so that a CUDA graph replays both: per step the host only draws the noise and copies a
+    column, and never waits for the device. refeed=True runs the whole window through forward() at
+    every step instead of the recurrent state: the slow reference method, which samples the same codes."""
     model.eval()
     b, n_q, total = codes.shape
     vocab, pattern, device = model.cfg.vocab, model.cfg.pattern, codes.device
@@ -791,37 +832,34 @@ def generate(model, text_encoder, prompts, codes, seed=0, top_k=250, top_p=1.0, 
     done = int(unknown[0]) if len(unknown) else total
     if done:
         yield 0, done
+    sampling = dict(top_k=top_k, top_p=top_p, temperature=temperature, cfg=cfg)
     generator = torch.Generator(device).manual_seed(seed)
-    decoder = None if refeed else Decoder(model, text.shape[0], device, mode)
+    noise = torch.empty(b, n_q, vocab, device=device)
+    decoder = None if refeed else Decoder(model, text.shape[0], device, mode, **sampling)
     start = max(0, done - (span - stride))            # the first window keeps up to span - stride steps of context
     while done < total:
         end = total if carry_on else min(total, start + span)
         layout = to_layout(codes[..., start:end], pattern)     # START: empty slot, UNKNOWN: to sample, >= 0: given
         inputs = inputs_from_targets(layout, vocab)
         first = int((layout == UNKNOWN).any(0).any(0).nonzero()[0])
-        if refeed:
-            logits = model(double(inputs[..., :first + 1]), text, mask)[:, :, -1]
-        else:
-            logits = decoder.prefill(double(inputs[..., :first + 1]), text, mask)
         for t in range(first, layout.shape[-1]):
-            if guided:
-                cond, uncond = logits.float().chunk(2)
-                logits = uncond + cfg * (cond - uncond)
-            slot = layout[..., t]
-            layout[..., t] = torch.where(slot == UNKNOWN, sample_next(logits, top_k, top_p, temperature, generator), slot)
+            noise.exponential_(generator=generator)
+            if refeed:
+                if t > first:
+                    inputs[..., t] = as_input(layout[..., t - 1], vocab)
+                logits = model(double(inputs[..., :t + 1]), text, mask)[:, :, -1]
+                layout[..., t] = choose(logits, layout[..., t], noise, **sampling)
+            elif t == first:
+                logits = decoder.prefill(double(inputs[..., :t + 1]), text, mask)
+                layout[..., t] = choose(logits, layout[..., t], noise, **sampling)
+            else:
+                layout[..., t] = decoder.advance(layout[..., t - 1], layout[..., t], noise)
             complete = start + t - lag_max + 1            # code steps now known in every codebook
             if complete > done:
                 for s in range(done, complete):
                     codes[:, :, s] = layout[:, rows, s - start + lag]
                 yield done, complete
                 done = complete
-            if t + 1 < layout.shape[-1]:
-                new = layout[..., t].masked_fill(layout[..., t] < 0, vocab)
-                if refeed:
-                    inputs[..., t + 1] = new
-                    logits = model(double(inputs[..., :t + 2]), text, mask)[:, :, -1]
-                else:
-                    logits = decoder.step(double(new))
         start = end - (span - stride)
 
 
