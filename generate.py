@@ -15,6 +15,7 @@ import os
 import sys
 import time
 
+import soundfile as sf
 import torch
 from tqdm import tqdm
 
@@ -62,8 +63,15 @@ def validate(c):
                           ("decode_dtype", ("auto", "float32", "bfloat16"))):
         if c[name] not in allowed:
             raise UserError(f"{name}={c[name]!r}: use {' or '.join(allowed)}")
-    if c["continue_from"] and not os.path.isfile(c["continue_from"]):
-        raise UserError(f"cannot read --continue_from={c['continue_from']!r}: no such file")
+    if c["continue_from"]:
+        if not os.path.isfile(c["continue_from"]):
+            raise UserError(f"cannot read --continue_from={c['continue_from']!r}: no such file")
+        try:
+            seconds = sf.info(c["continue_from"]).duration
+        except Exception as e:
+            raise UserError(f"cannot read --continue_from={c['continue_from']!r} as audio ({str(e).strip().splitlines()[0][:120]})") from None
+        if seconds < 1:
+            raise UserError(f"--continue_from={c['continue_from']!r} holds {seconds:.2f} s of audio: give at least 1 s")
 
 
 def decoding_setup(c, dev):

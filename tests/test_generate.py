@@ -103,8 +103,9 @@ def test_continue_from_audio_file(ckpt, tmp_path):
     assert codes.shape == (4, 375) and np.array_equal(codes[:, :150], intro.numpy())
 
 
-def test_bad_inputs_fail_before_any_model_work(ckpt, tmp_path):
+def test_bad_inputs_fail_before_any_model_work(ckpt, tmp_path, monkeypatch):
     (tmp_path / "junk.pt").write_bytes(os.urandom(256))
+    sf.write(tmp_path / "short.wav", np.zeros((24_000, 2)), 48_000)
     cases = [
         ([], "no prompt"),
         (["--prompt=x", "--seconds=0"], r"seconds=0.0 is out of range: it must be in \(0, 36000\]"),
@@ -117,13 +118,17 @@ def test_bad_inputs_fail_before_any_model_work(ckpt, tmp_path):
         (["--prompt=x", "--temperature=-1"], r"temperature=-1.0 is out of range"),
         (["--prompt=x", "--num_samples=0"], r"num_samples=0 is out of range"),
         (["--prompt=x", "--cfg=0.5"], r"cfg=0.5 is out of range: it must be in \[1, 100\]"),
-        (["--prompt=x", f"--continue_from={tmp_path / 'nope.wav'}"], "cannot read --continue_from"),
+        (["--prompt=x", f"--continue_from={tmp_path / 'nope.wav'}"], "cannot read --continue_from=.*: no such file"),
+        (["--prompt=x", f"--continue_from={tmp_path / 'junk.pt'}"], "cannot read --continue_from=.* as audio"),
+        (["--prompt=x", f"--continue_from={tmp_path / 'short.wav'}"], "holds 0.50 s of audio: give at least 1 s"),
         (["--prompt=x", "--format=ogg"], "format='ogg': use mp3 or wav"),
         (["--prompt=x", "--sample_rate=3"], "unknown setting --sample_rate"),
     ]
-    for args, message in cases:
-        with pytest.raises(SystemExit, match=message):
-            gen(ckpt, tmp_path / "o", *args)
+    with monkeypatch.context() as m:
+        m.setattr(M, "load_model", lambda *a, **k: pytest.fail("the checkpoint was loaded before the inputs were checked"))
+        for args, message in cases:
+            with pytest.raises(SystemExit, match=message):
+                gen(ckpt, tmp_path / "o", *args)
     with pytest.raises(SystemExit, match="is not a checkpoint written by this project.s deploy.py"):
         generate.main(["--ckpt", str(tmp_path / "junk.pt"), "--prompt=x"])
     with pytest.raises(SystemExit, match="no checkpoint at"):
