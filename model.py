@@ -259,7 +259,7 @@ def _keep(state, key, value):
 
 def _with_ones(v):
     """v (..., D) float32 → (..., D+1) with a last column of ones: the normaliser rides along with the values."""
-    return torch.cat([v, torch.ones_like(v[..., :1])], -1)
+    return F.pad(v, (0, 1), value=1.0)
 
 
 class SelfAttention(nn.Module):
@@ -652,10 +652,15 @@ class MusicTransformer(nn.Module):
         memory at every position; only tensor operations, so one step can be captured as a CUDA graph."""
         pos = state["pos"]
         x, rot = self._embed(tokens[..., None], pos)
-        window = torch.arange(self.cfg.local_window, device=pos.device)
-        ctx = dict(step=True, rotary=rot, pos=pos, slot=pos % self.cfg.local_window, ring=(window <= pos)[None])
+
+        def additive(n):
+            """(1, n): 0 on the key slots written so far, -inf on the others. Made once per step, as the
+            attention would otherwise make it from a boolean mask in every layer."""
+            unwritten = torch.arange(n, device=pos.device) > pos
+            return torch.zeros(1, n, dtype=x.dtype, device=pos.device).masked_fill_(unwritten, float("-inf"))
+        ctx = dict(step=True, rotary=rot, pos=pos, slot=pos % self.cfg.local_window, ring=additive(self.cfg.local_window))
         if self.cfg.attention == "softmax":
-            ctx["seen"] = (torch.arange(self.window(), device=pos.device) <= pos)[None]
+            ctx["seen"] = additive(self.window())
         x1 = x2 = x
         for block, layer_state in zip(self.blocks, state["layers"]):
             x1, x2 = block(x1, x2, ctx, layer_state)
