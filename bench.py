@@ -27,6 +27,7 @@ cap_seconds = 300           # stop a single measurement that runs longer than th
 decode_steps = 1500         # generation length (1500 = 10 s of audio)
 rounds = 7                  # interleaved rounds of the decode-step measurement
 modes = ""                  # decode modes to compare (empty: eager and compile on a CPU, eager, graph and compile on a GPU)
+generate_modes = "auto"     # decode modes of generate.py's end-to-end table, e.g. auto,compile
 long_steps = 200            # steps measured at each position of a long piece
 long_ce_steps = 600         # training steps of each small model in the beyond-the-training-length measurement
 encode_clips = 8            # clips in the encode comparison
@@ -418,33 +419,37 @@ def long_ce_part(c, dev):
 
 def generate_part(c, dev):
     """generate.py's path end to end (tokens with cfg 3, streamed codec decode, MP3 written as it is made),
-    decode_steps per prompt at batch 1 and 4, and the time until the first second of audio is on disk."""
+    decode_steps per prompt at batch 1 and 4, and the time until the first second of audio is on disk; for
+    each of generate_modes (decode=compile twice: its first piece in a process compiles, the second not)."""
     import tempfile
     import generate
     import model as M
     net = decoding_copy(our_model(dict(dropout=0.0), "cpu").eval(), torch.bfloat16, dev)    # generate.py's default at these batches
     codec = common.load_codec("untrained", "", 0, 6.0, dev)
-    mode = M.decode_mode("auto", dev, c["decode_steps"])
     result = {}
-    for batch in (1, 4):
-        with tempfile.TemporaryDirectory() as tmp:
-            writers = [common.AudioWriter(os.path.join(tmp, f"{i}.mp3")) for i in range(batch)]
-            first = {}
-            original_write = writers[0].write
+    for requested in c["generate_modes"].split(","):
+        mode = M.decode_mode(requested, dev, c["decode_steps"])
+        for batch in (1, 4):
+            for piece in (1, 2) if mode == "compile" else (1,):
+                with tempfile.TemporaryDirectory() as tmp:
+                    writers = [common.AudioWriter(os.path.join(tmp, f"{i}.mp3")) for i in range(batch)]
+                    first = {}
+                    original_write = writers[0].write
 
-            def timed_write(wav, _t0=time.time()):
-                first.setdefault("s", time.time() - _t0)
-                original_write(wav)
-            writers[0].write = timed_write
-            codes = torch.full((batch, 4, c["decode_steps"]), M.UNKNOWN, dtype=torch.long, device=dev)
-            settings = dict(seed=0, top_k=250, top_p=1.0, temperature=1.0, cfg=3.0, gain_db=0.0)
-            sync(dev)
-            t = time.time()
-            generate.stream_pieces(net, random_text, ["x"] * batch, codes, codec, 0.1, writers, settings, 2700, mode)
-            for w in writers:
-                w.close()
-            sync(dev)
-            result[f"batch{batch}"] = dict(total_s=time.time() - t, first_audio_s=first["s"], mode=mode, dtype="bfloat16")
+                    def timed_write(wav, _t0=time.time(), _first=first, _write=original_write):
+                        _first.setdefault("s", time.time() - _t0)
+                        _write(wav)
+                    writers[0].write = timed_write
+                    codes = torch.full((batch, 4, c["decode_steps"]), M.UNKNOWN, dtype=torch.long, device=dev)
+                    settings = dict(seed=0, top_k=250, top_p=1.0, temperature=1.0, cfg=3.0, gain_db=0.0)
+                    sync(dev)
+                    t = time.time()
+                    generate.stream_pieces(net, random_text, ["x"] * batch, codes, codec, 0.1, writers, settings, 2700, mode)
+                    for w in writers:
+                        w.close()
+                    sync(dev)
+                    result[f"{requested}/{piece}/batch{batch}"] = dict(
+                        total_s=time.time() - t, first_audio_s=first["s"], mode=mode, dtype="bfloat16")
     return result
 
 
@@ -597,14 +602,18 @@ def long_ce_section(c, sub, rate):
 
 
 def generate_section(c, sub, rate):
-    r = measured(c, sub, "generate", "batch1", 4)
+    r = measured(c, sub, "generate", f"{c['generate_modes'].split(',')[0]}/1/batch1", 4)
     if r is None:
         return []
-    rows = [["prompts", "total", "real time", "first second of audio on disk after"]]
-    rows += [[b, f"{r[f'batch{b}']['total_s']:.1f} s", f"{c['decode_steps'] / 150 / r[f'batch{b}']['total_s']:.2f}×",
-              f"{r[f'batch{b}']['first_audio_s']:.1f} s"] for b in (1, 4)]
-    return ([f"### generate.py's path end to end: {c['decode_steps'] / 150:g} s per prompt (cfg 3, decode={r['batch1']['mode']}, "
-             f"{r['batch1'].get('dtype', 'float32')} weights, streamed codec decode, MP3 written as it is made)\n"] + table(rows) + [""])
+    rows = [["decode", "prompts", "total", "real time", "first second of audio on disk after"]]
+    for key, v in r.items():
+        requested, piece, batch = key.split("/")
+        how = v["mode"] + (" (auto)" if requested == "auto" else "") + (
+            {"1": ", first piece: compiling included", "2": ", second piece"}[piece] if v["mode"] == "compile" else "")
+        rows.append([how, batch.removeprefix("batch"), f"{v['total_s']:.1f} s",
+                     f"{c['decode_steps'] / 150 / v['total_s']:.2f}×", f"{v['first_audio_s']:.1f} s"])
+    return ([f"### generate.py's path end to end: {c['decode_steps'] / 150:g} s per prompt (cfg 3, bfloat16 weights, "
+             "streamed codec decode, MP3 written as it is made)\n"] + table(rows) + [""])
 
 
 def encode_section(c, sub, rate):
@@ -639,7 +648,7 @@ def main(argv):
     lines = [f"\n## {machine(dev)}\n", f"Command: `{('python bench.py ' + ' '.join(argv)).strip()}`. Measured here: matmul "
              f"{rate / 1e9:,.0f} GFLOP/s ({'bf16' if dev.startswith('cuda') else 'fp32'}); a large fp32 matrix-vector product "
              f"reads weights at {read / 1e9:.1f} GB/s. MFU = useful FLOPs (6·params·T + attention) / time / that matmul rate.\n"]
-    passed = ("decode_steps", "rounds", "modes", "long_steps", "long_ce_steps", "encode_clips", "encode_seconds", "compress_clips")
+    passed = ("decode_steps", "rounds", "modes", "generate_modes", "long_steps", "long_ce_steps", "encode_clips", "encode_seconds", "compress_clips")
     sub = lambda args, limit=c["cap_seconds"]: run_part(dict(args, device=dev, **{k: c[k] for k in passed}), limit)
     for part in parts:
         lines += SECTIONS[part](c, sub, rate)
