@@ -200,10 +200,11 @@ def step_weight_bytes(net):
     return sum(m.weight.numel() * 4 for m in net.modules() if isinstance(m, torch.nn.Linear) and m not in skip)
 
 
-def count_ops(fn):
+def count_ops(fn, only=None):
     """Operations fn() runs, views apart (a view launches no kernel), and the elements they allocate: the
     cost of a decode step that does not depend on the machine. On a GPU each operation is a kernel, and a
-    CUDA graph's replay of a step costs about its kernel count times a few microseconds."""
+    CUDA graph's replay of a step costs about its kernel count times a few microseconds. only: a set of
+    operators, to count only those."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
@@ -211,7 +212,7 @@ def count_ops(fn):
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            if not func.is_view:
+            if func in only if only is not None else not func.is_view:
                 Count.ops += 1
                 Count.elements += sum(t.numel() for t in (out if isinstance(out, (tuple, list)) else [out]) if torch.is_tensor(t))
             return out
