@@ -225,19 +225,31 @@ def rotary(x, table):
 
 
 class Linear(nn.Linear):
-    """nn.Linear, but a CPU matrix-vector product in float32 (decoding: a few rows) is computed weight-first,
-    W @ xᵀ over at least two columns: the form in which the BLAS reads the weights fastest (measured in
-    BENCHMARKS.md: about twice F.linear's speed at one or two rows, so guidance costs no more than one row)."""
+    """nn.Linear, with the CPU's matrix-vector products of decoding (a few rows, no gradient) in the form
+    that reads the weights fastest (BENCHMARKS.md). Compiled: one multiply-and-sum per row, which inductor
+    turns into a single pass over the weights for all rows at about the memory's rate, where the BLAS reads
+    these 1-6 MB matrices at two thirds of it. Eager, in float32: weight-first, W @ xᵀ over at least two
+    columns (about twice F.linear's speed at one or two rows)."""
 
     def forward(self, x):
         rows = x.numel() // self.in_features
-        if rows > 8 or x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_grad_enabled():
+        if rows > 8 or x.device.type != "cpu" or torch.is_grad_enabled():
             return F.linear(x, self.weight, self.bias)
         flat = x.reshape(rows, self.in_features)
-        if rows == 1:
-            flat = flat.repeat(2, 1)        # stride-0 rows would send the BLAS down its slow path
-        out = torch.addmm(self.bias[:, None], self.weight, flat.t()).t()
-        return out[:rows].reshape(*x.shape[:-1], self.out_features)
+        if torch.compiler.is_compiling():
+            # the input stored first (inductor's own operator for it; there is no public one): else inductor
+            # recomputes what made it, a GELU say, once per weight row
+            from torch._inductor import inductor_prims
+            flat = inductor_prims.force_stride_order(flat.float(), flat.stride())
+            w = self.weight.float()
+            out = torch.stack([(w * row).sum(-1) for row in flat]) + self.bias.float()
+        elif x.dtype == torch.float32:
+            if rows == 1:
+                flat = flat.repeat(2, 1)        # stride-0 rows would send the BLAS down its slow path
+            out = torch.addmm(self.bias[:, None], self.weight, flat.t()).t()[:rows]
+        else:
+            return F.linear(x, self.weight, self.bias)
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
 # -----------------------------------------------------------------------------

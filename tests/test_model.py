@@ -4,6 +4,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import model as M
 from model import ModelConfig, MusicTransformer
@@ -171,6 +172,25 @@ def test_the_decoding_copy_folds_its_gates_and_computes_the_same():
         decoding = net.for_decoding("cpu", torch.float32)
         assert all(b.f.gate is None and b.g.gate is None for b in decoding.blocks)
         assert (decoding(tokens, text, mask) - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_decoding_products_equal_f_linear(dtype):
+    """Under torch.compile on a CPU, model.Linear computes a few rows as one multiply-and-sum per row over
+    its stored input: the same as F.linear, also for inputs that are views at an offset or come from an
+    operation inductor could have recomputed inside the product."""
+    torch.manual_seed(0)
+    lin = M.Linear(48, 24).to(dtype).eval()
+    both = lambda big: (lin(F.gelu(big[:, 1])), lin(big[:, 2]))
+    compiled = torch.compile(both, fullgraph=True, dynamic=False)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    with torch.no_grad():
+        for rows in (1, 2, 5):
+            big = torch.randn(rows, 3, 48).to(dtype)
+            expected = (F.linear(F.gelu(big[:, 1]), lin.weight, lin.bias), F.linear(big[:, 2], lin.weight, lin.bias))
+            for got, want in zip(compiled(big), expected):
+                assert got.dtype == dtype and got.shape == want.shape
+                assert (got.float() - want.float()).abs().max() <= tolerance
 
 
 def test_reversible_gradients_equal_plain_backprop_with_dropout():
