@@ -708,6 +708,11 @@ def sample_next(logits, noise, top_k=250, top_p=1.0, temperature=1.0, cfg=1.0):
     return logits.softmax(-1).div_(noise).argmax(-1)
 
 
+def doubled(x, cfg):
+    """x, twice along the batch with guidance (cfg != 1: the conditional rows, then the unconditional ones)."""
+    return torch.cat([x, x]) if cfg != 1.0 else x
+
+
 def choose(logits, slot, noise, **sampling):
     """A layout column (B, n_q): slot's given entries kept, its UNKNOWN ones sampled from logits."""
     return torch.where(slot == UNKNOWN, sample_next(logits, noise, **sampling), slot)
@@ -743,7 +748,7 @@ class Decoder:
 
     def _advance(self, previous, slot, noise):
         tokens = as_input(previous, self.model.cfg.vocab)
-        logits = self.model.step(torch.cat([tokens, tokens]) if self.sampling.get("cfg", 1.0) != 1.0 else tokens, self.state)
+        logits = self.model.step(doubled(tokens, self.sampling.get("cfg", 1.0)), self.state)
         return choose(logits, slot, noise, **self.sampling)
 
     def _call(self, name, *inputs):
@@ -839,7 +844,6 @@ def generate(model, text_encoder, prompts, codes, seed=0, top_k=250, top_p=1.0, 
     vocab, pattern, device = model.cfg.vocab, model.cfg.pattern, codes.device
     guided = cfg != 1.0
     text, mask = text_encoder(list(prompts) + [""] * b if guided else list(prompts), device)
-    double = (lambda x: torch.cat([x, x])) if guided else (lambda x: x)
     carry_on = model.cfg.positions == "relative" and model.cfg.attention == "favor"
     rows = torch.arange(n_q, device=device)
     lag = rows if pattern == "delay" else torch.zeros_like(rows)   # code step s of codebook k is layout column s + lag[k]
@@ -865,10 +869,10 @@ def generate(model, text_encoder, prompts, codes, seed=0, top_k=250, top_p=1.0, 
             if refeed:
                 if t > first:
                     inputs[..., t] = as_input(layout[..., t - 1], vocab)
-                logits = model(double(inputs[..., :t + 1]), text, mask)[:, :, -1]
+                logits = model(doubled(inputs[..., :t + 1], cfg), text, mask)[:, :, -1]
                 layout[..., t] = choose(logits, layout[..., t], noise, **sampling)
             elif t == first:
-                logits = decoder.prefill(double(inputs[..., :t + 1]), text, mask)
+                logits = decoder.prefill(doubled(inputs[..., :t + 1], cfg), text, mask)
                 layout[..., t] = choose(logits, layout[..., t], noise, **sampling)
             else:
                 layout[..., t] = decoder.advance(layout[..., t - 1], layout[..., t], noise)
