@@ -722,17 +722,16 @@ class Decoder:
     """prefill(), then step() (the model's step: logits) or advance() (a step and sampling from it: the
     next layout column) on one fixed-shape state. mode: eager; graph (CUDA: each captured once as a CUDA
     graph and replayed, one launch instead of hundreds); compile (torch.compile, hundreds of small
-    operations fused into a few kernels: on a CPU the fastest; on a GPU then captured as a graph too).
+    operations fused into a few kernels; on a GPU then captured as a CUDA graph too, on a CPU called
+    straight, past Dynamo's guards: the same tensors, with the same shapes, at every call).
     sampling: sample_next's settings, for advance()."""
 
     def __init__(self, model, batch, device, mode="eager", **sampling):
         self.model, self.sampling = model, sampling
         self.state = model.init_state(batch, device, next(model.parameters()).dtype)
         self.functions = dict(step=model.step, advance=self._advance)
-        self.compiled = {}            # name → the compiled function; None once compiling it failed
-        self.mode = mode
-        self.replay = mode == "graph" or (mode == "compile" and str(device).startswith("cuda"))
-        self.graphs = {}              # name → (CUDA graph, its input tensors, its output)
+        self.mode, self.cuda = mode, str(device).startswith("cuda")
+        self.replays = {}             # name → (its input tensors, a function that runs it on them)
 
     def prefill(self, tokens, text, text_mask):
         return self.model.prefill(tokens, text, text_mask, self.state)
@@ -752,44 +751,76 @@ class Decoder:
         return choose(logits, slot, noise, **self.sampling)
 
     def _call(self, name, *inputs):
-        if not self.replay:
-            return self._run(name, *inputs)
-        if name not in self.graphs:
-            self.graphs[name] = self._capture(name, inputs)
-        graph, static, output = self.graphs[name]
+        """The first call captures (compiles, records) on copies of the inputs, with the state put back as
+        it was after; every call copies its inputs into those and replays."""
+        if self.mode == "eager":
+            return self.functions[name](*inputs)
+        if name not in self.replays:
+            static = [x if x is self.state else x.clone() for x in inputs]
+            saved = _clone_state(self.state)
+            try:
+                replay = self._graph(name, static) if self.cuda else self._compiled(name, static)
+            except Exception as e:   # no C++ compiler, an unsupported platform: say so loudly, go on uncompiled
+                _copy_state(self.state, saved)
+                if self.mode != "compile":
+                    raise
+                print(f"\n*** decode=compile failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:120]}); "
+                      "decoding uncompiled instead, slower ***\n", file=sys.stderr)
+                self.mode = "graph" if self.cuda else "eager"
+                return self._call(name, *inputs)
+            _copy_state(self.state, saved)
+            self.replays[name] = static, replay
+        static, replay = self.replays[name]
         for s, x in zip(static, inputs):
             if s is not x:
                 s.copy_(x)
-        graph.replay()
-        return output
+        return replay()
 
-    def _run(self, name, *inputs):
-        if self.mode == "compile" and name not in self.compiled:
-            self.compiled[name] = torch.compile(self.functions[name], fullgraph=True, dynamic=False)
-        if self.compiled.get(name) is not None:
-            try:
-                return self.compiled[name](*inputs)
-            except Exception as e:   # no C++ compiler, an unsupported platform: say so loudly, go on uncompiled
-                print(f"\n*** decode=compile failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:120]}); "
-                      "decoding without it instead, about twice as slow ***\n", file=sys.stderr)
-                self.compiled[name] = None
-        return self.functions[name](*inputs)
+    def _compiled(self, name, static):
+        """torch.compile (inductor) on a CPU, keeping the compiled function and its inputs (the weights,
+        the state, `static`) to call them straight: the same work as the compiled call without Dynamo's
+        guards (about a thousand checks of the model and the state) and inductor's checks of every input's
+        strides, which together cost 10 % of a step (BENCHMARKS.md)."""
+        from torch._inductor.compile_fx import compile_fx
+        kept = {}
 
-    def _capture(self, name, inputs):
-        """Warm up (and compile) on a side stream, put the state back as it was, then record one call."""
-        saved = _clone_state(self.state)
-        static = [x if x is self.state else x.clone() for x in inputs]
+        def backend(graph, example_inputs):
+            kept["call"] = compile_fx(graph, example_inputs, config_patches=dict(size_asserts=False))
+            kept["inputs"] = list(example_inputs)
+            return kept["call"]
+        with torch.no_grad():
+            out = torch.compile(self.functions[name], fullgraph=True, dynamic=False, backend=backend)(*static)
+        if "call" not in kept:
+            raise RuntimeError("torch.compile ran the step uncompiled (its recompile limit reached?)")
+        call, inputs = kept["call"], kept["inputs"]
+        outputs = call(*inputs)
+        if len(outputs) != 1 or outputs[0].shape != out.shape:
+            raise RuntimeError(f"the compiled {name} has {len(outputs)} outputs, not its one result")
+
+        def replay():
+            with torch.no_grad():
+                return call(*inputs)[0]
+        return replay
+
+    def _graph(self, name, static):
+        """Warm up (and compile) on a side stream, then record one call as a CUDA graph."""
+        run = self.functions[name]
+        if self.mode == "compile":
+            run = torch.compile(run, fullgraph=True, dynamic=False)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._run(name, *static)
+                run(*static)
         torch.cuda.current_stream().wait_stream(stream)
-        _copy_state(self.state, saved)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            output = self._run(name, *static)
-        return graph, static, output
+            output = run(*static)
+
+        def replay():
+            graph.replay()
+            return output
+        return replay
 
 
 def decode_mode(requested, device, steps):
