@@ -125,7 +125,7 @@ def favor_features(x, projection, kernel, is_query, key_mask=None):
     key_mask, the maximum over the unmasked keys). Query stabilisers cancel between numerator and
     denominator, so each query uses its own maximum."""
     x = x.float() * x.shape[-1] ** -0.25
-    xw = x @ projection.t()                                          # (B, H, T, F)
+    xw = (x.unsqueeze(-2) * projection).sum(-1) if _fused_on_cpu(x) else x @ projection.t()   # (B, H, T, F)
     if kernel == "generalized":
         return F.relu(xw) + 1e-3, None
     a = xw - 0.5 * x.pow(2).sum(-1, keepdim=True)
@@ -137,6 +137,22 @@ def favor_features(x, projection, kernel, is_query, key_mask=None):
     else:
         m = peak.cummax(-1).values
     return torch.exp(a - m.unsqueeze(-1)), m
+
+
+def _fused_on_cpu(x):
+    """Whether a small product of a decoding step is better written as a multiply-and-sum: under
+    torch.compile on a CPU, where inductor fuses it into the kernels around it, instead of a library call
+    that costs more to make than the product (about 40 µs each, a dozen per step)."""
+    return torch.compiler.is_compiling() and x.device.type == "cpu" and not torch.is_grad_enabled()
+
+
+def attend(q, k, v, mask):
+    """softmax(q kᵀ / √d + mask) v for (B, H, T, d) queries, (B, H, S, d) keys and values, mask (T, S)
+    additive; F.scaled_dot_product_attention, or as sums where _fused_on_cpu."""
+    if not _fused_on_cpu(q):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    scores = (q.float().unsqueeze(-2) * k.float().unsqueeze(-3)).sum(-1) * q.shape[-1] ** -0.5 + mask   # (B, H, T, S)
+    return (scores.softmax(-1).unsqueeze(-1) * v.float().unsqueeze(-3)).sum(-2).to(q.dtype)
 
 
 def causal_linear_attention(qf, kf, v, m=None, chunk=128):
@@ -332,7 +348,7 @@ class SelfAttention(nn.Module):
                     s.mul_(torch.exp(state["m"] - m_new)[..., None, None])
                     kf = kf * torch.exp(m[..., 0] - m_new)[..., None, None]
                     state["m"].copy_(m_new)
-                s.add_(kf.transpose(-1, -2) @ ve)   # as a product: inductor 2.11 miscompiled the broadcast form here
+                s.add_(kf.transpose(-1, -2) @ ve)   # as a product: inductor 2.11 miscompiles the broadcast form here
                 out = qf @ s
                 return out[..., :-1] / out[..., -1:].clamp_min(1e-30)
             out = causal_linear_attention(qf, kf, v, m, self.cfg.chunk_size)
@@ -348,7 +364,7 @@ class SelfAttention(nn.Module):
         if step:
             state["k"].index_copy_(2, ctx["pos"], k)
             state["v"].index_copy_(2, ctx["pos"], v)
-            return F.scaled_dot_product_attention(q, state["k"], state["v"], attn_mask=ctx["seen"])
+            return attend(q, state["k"], state["v"], ctx["seen"])
         if state is not None:
             state["k"][:, :, :k.shape[2]] = k
             state["v"][:, :, :k.shape[2]] = v
@@ -362,7 +378,7 @@ class SelfAttention(nn.Module):
         if step:
             state["local_k"].index_copy_(2, ctx["slot"], k)
             state["local_v"].index_copy_(2, ctx["slot"], v)
-            return F.scaled_dot_product_attention(q, state["local_k"], state["local_v"], attn_mask=ctx["ring"])
+            return attend(q, state["local_k"], state["local_v"], ctx["ring"])
         if state is not None:
             n = min(w, k.shape[2])
             slots = torch.arange(k.shape[2] - n, k.shape[2], device=k.device) % w

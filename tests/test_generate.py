@@ -292,6 +292,26 @@ def test_compiled_decoding_equals_eager(capsys):
     assert torch.equal(eager, compiled)
 
 
+def test_compiled_steps_give_eager_logits_across_ring_wraps_and_a_new_prefill():
+    """decode=compile's step on a CPU (inductor's kernels, called straight on the state's tensors): eager's
+    logits over 112 steps (the local heads' ring of 7 wraps 16 times), and again after a second prefill
+    writes a new prompt's state into the same tensors. Sampled codes alone would hide an error of 0.03 in
+    the logits, which a miscompiled FAVOR+ state update gives."""
+    net = open_tiny("delay")
+    text, mask = stub_text_encoder(["a", "b"], "cpu")
+    tokens = torch.randint(0, 1024, (2, 4, 150), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    with torch.no_grad():
+        for mode in ("eager", "compile"):
+            decoder, out = M.Decoder(net, 2, "cpu", mode), []
+            for start, end in ((0, 120), (120, 150)):
+                out.append(decoder.prefill(tokens[..., start:start + 8], text, mask))
+                out += [decoder.step(tokens[..., t]) for t in range(start + 8, end)]
+            logits[mode] = torch.stack(out)
+    assert decoder.mode == "compile" and "step" in decoder.replays
+    assert (logits["eager"] - logits["compile"]).abs().max() < 1e-4
+
+
 def test_decode_weights_are_bf16_on_a_cpu_only_while_a_step_is_small():
     c = dict(common.settings(vars(generate)), decode="eager", prompt=["a"], num_samples=1, cfg=3.0)
     assert generate.decoding_setup(c, "cpu")[1] == torch.bfloat16                              # 2 rows

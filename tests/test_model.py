@@ -193,6 +193,21 @@ def test_compiled_decoding_products_equal_f_linear(dtype):
                 assert (got.float() - want.float()).abs().max() <= tolerance
 
 
+def test_compiled_decoding_attention_and_features_equal_the_library_calls():
+    """Under torch.compile on a CPU, a step's attention over its ring and its FAVOR+ feature map are sums
+    that inductor fuses: the same as F.scaled_dot_product_attention and the matrix product."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 3, 1, 16), torch.randn(2, 3, 20, 16), torch.randn(2, 3, 20, 16)
+    mask = torch.zeros(1, 20).masked_fill_(torch.arange(20) > 12, float("-inf"))   # slots not written yet
+    projection = torch.randn(32, 16)
+    both = lambda q, k, v: (M.attend(q, k, v, mask), M.favor_features(q, projection, "softmax", is_query=True)[0])
+    with torch.no_grad():
+        got = torch.compile(both, fullgraph=True, dynamic=False)(q, k, v)
+        want = (F.scaled_dot_product_attention(q, k, v, attn_mask=mask), both(q, k, v)[1])
+    for g, w in zip(got, want):
+        assert (g - w).abs().max() <= 1e-5
+
+
 def test_reversible_gradients_equal_plain_backprop_with_dropout():
     rev = tiny(dropout=0.1).train()
     plain = tiny(dropout=0.1, reversible=False).train()
