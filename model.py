@@ -842,8 +842,8 @@ class Decoder:
 def decode_mode(requested, device, steps):
     """auto: torch.compile for pieces long enough to repay its compilation, else a CUDA graph on a GPU and
     eager on a CPU. Measured (BENCHMARKS.md): on an H200 compiling takes about 15 s and saves 0.45 ms a
-    step (from 3 min of audio on); on 2 CPU cores it takes about 35 s and makes generate.py's step 2.2×
-    faster, about 10 ms less (from 30 s)."""
+    step (from 3 min of audio on); on 2 CPU cores it takes about 45 s with an empty inductor cache and
+    makes generate.py's step about 10.5 ms shorter (from 30 s)."""
     if requested != "auto":
         return requested
     if str(device).startswith("cuda"):
