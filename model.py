@@ -747,6 +747,8 @@ class Decoder:
         self.state = model.init_state(batch, device, next(model.parameters()).dtype)
         self.functions = dict(step=model.step, advance=self._advance)
         self.mode, self.cuda = mode, str(device).startswith("cuda")
+        if mode == "graph" and not self.cuda:
+            raise ValueError("decode mode graph needs a CUDA device: use eager or compile")
         self.replays = {}             # name → (its input tensors, a function that runs it on them)
 
     def prefill(self, tokens, text, text_mask):
@@ -796,7 +798,7 @@ class Decoder:
         """torch.compile (inductor) on a CPU, keeping the compiled function and its inputs (the weights,
         the state, `static`) to call them straight: the same work as the compiled call without Dynamo's
         guards (about a thousand checks of the model and the state) and inductor's checks of every input's
-        strides, which together cost 10 % of a step (BENCHMARKS.md)."""
+        strides, which together cost about a tenth of a step (BENCHMARKS.md)."""
         from torch._inductor.compile_fx import compile_fx
         kept = {}
 
