@@ -140,9 +140,10 @@ def favor_features(x, projection, kernel, is_query, key_mask=None):
 
 
 def _fused_on_cpu(x):
-    """Whether a small product of a decoding step is better written as a multiply-and-sum: under
-    torch.compile on a CPU, where inductor fuses it into the kernels around it, instead of a library call
-    that costs more to make than the product (about 40 µs each, a dozen per step)."""
+    """Whether a decoding step's products are better written as multiply-and-sums: under torch.compile on
+    a CPU, where inductor fuses them into a few kernels. For model.Linear that is one pass over the weights
+    at about the memory's rate; for the small products (the feature map, attend) it saves library calls
+    that cost more to make than the product (about 40 µs each, a dozen per step)."""
     return torch.compiler.is_compiling() and x.device.type == "cpu" and not torch.is_grad_enabled()
 
 
@@ -252,7 +253,7 @@ class Linear(nn.Linear):
         if rows > 8 or x.device.type != "cpu" or torch.is_grad_enabled():
             return F.linear(x, self.weight, self.bias)
         flat = x.reshape(rows, self.in_features)
-        if torch.compiler.is_compiling():
+        if _fused_on_cpu(x):
             # the input stored first (inductor's own operator for it; there is no public one): else inductor
             # recomputes what made it, a GELU say, once per weight row
             from torch._inductor import inductor_prims
