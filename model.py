@@ -804,9 +804,13 @@ class Decoder:
         strides, which together cost about a tenth of a step (BENCHMARKS.md)."""
         from torch._inductor.compile_fx import compile_fx
         kept = {}
+        # vec_isa_ok: use the vector instructions the CPU reports, without inductor's check of them in a new
+        # Python process (which imports torch: 3-4 s of every generate.py run); a compiler that cannot build
+        # them fails the compile, and decoding goes on uncompiled, saying so
+        patches = {"size_asserts": False, "cpp.vec_isa_ok": True}
 
         def backend(graph, example_inputs):
-            kept["call"] = compile_fx(graph, example_inputs, config_patches=dict(size_asserts=False))
+            kept["call"] = compile_fx(graph, example_inputs, config_patches=patches)
             kept["inputs"] = list(example_inputs)
             return kept["call"]
         with torch.no_grad():
