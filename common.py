@@ -12,10 +12,12 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import numpy as np
 import torch
@@ -32,6 +34,19 @@ class UserError(SystemExit):
     """A mistake in the input that the user can fix: one line on stderr, exit status 1, no traceback."""
     def __init__(self, message):
         super().__init__(f"error: {message}")
+
+
+def stop_on_sigterm():
+    """SIGTERM (`kill`, a VM being preempted) then stops the run as Ctrl-C does: as a KeyboardInterrupt, which
+    the script catches to keep what it made before it exits."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
+def stopped(kept):
+    """The exit of a run stopped by Ctrl-C or SIGTERM once it has kept what it made: one line on stderr that
+    says what is kept, exit status 130 (as the shell gives Ctrl-C), no traceback. Raise what it returns."""
+    print(f"\nstopped: {kept}", file=sys.stderr)
+    return SystemExit(130)
 
 
 # -----------------------------------------------------------------------------
@@ -452,12 +467,17 @@ class AudioWriter:
         return publish_new(self.partial, (p for p in numbered(self.path) if not os.path.exists(p + ".json")))
 
     def abort(self):
-        """Stop writing and keep what was written under its partial name."""
+        """Stop writing and keep what was written under its partial name (returned); a file with no audio
+        in it yet is removed instead (None)."""
         try:
             self._finish_encoding()
         except (UserError, OSError, ValueError):
             pass
-        return self.partial
+        if self.samples:
+            return self.partial
+        with suppress(FileNotFoundError):
+            os.remove(self.partial)
+        return None
 
 
 def write_audio(path, wav, fmt="mp3", bitrate="192k", overwrite=True):

@@ -19,6 +19,7 @@ import json
 import multiprocessing as mp
 import os
 import queue
+import signal
 import sys
 import time
 from collections import Counter
@@ -197,6 +198,7 @@ def file_pieces(path, rel, clip_segments, min_secs):
 
 
 def _reader(jobs, out):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C is the main process's to handle; it ends the readers
     torch.set_num_threads(1)
     for job in jobs:
         for piece in file_pieces(*job):
@@ -253,21 +255,23 @@ class ShardWriter:
         self.rows = []
         self.index = len(glob.glob(os.path.join(glob.escape(out_dir), f"shard-r{rank:03d}-*.h5")))
 
-    def add(self, codes, scales, text, source, identity=(0, 0)):
-        """identity: (size in bytes, modification time in ns) of the source file."""
-        self.rows.append((codes, scales, text, source, identity))
+    def add(self, rows):
+        """rows: one file's clips, each (codes, scales, text, source, identity: (size in bytes, modification
+        time in ns) of the file). Added in one step, so a shard never holds part of a file."""
+        self.rows.extend(rows)
 
     def __len__(self):
         return len(self.rows)
 
     def flush(self):
-        if not self.rows:
+        rows, self.rows = self.rows, []     # an interrupted write loses them from memory only: never a shard twice
+        if not rows:
             return None
-        n, n_q = len(self.rows), self.rows[0][0].shape[0]
+        n, n_q = len(rows), rows[0][0].shape[0]
         codes = np.zeros((n, n_q, self.clip_steps), np.int16)
         scales = np.zeros((n, self.clip_segments), np.float32)
         lengths = np.zeros(n, np.int32)
-        for i, (c, s, *_) in enumerate(self.rows):
+        for i, (c, s, *_) in enumerate(rows):
             codes[i, :, :c.shape[1]], scales[i, :len(s)], lengths[i] = c, s, c.shape[1]
         strings = h5py.string_dtype("utf-8")
         buffer = io.BytesIO()     # built in memory: a full disk then fails in Python, with a clear message
@@ -275,10 +279,10 @@ class ShardWriter:
             f.create_dataset("codes", data=codes, chunks=(1, n_q, self.clip_steps), compression="gzip", compression_opts=4)
             f.create_dataset("lengths", data=lengths)
             f.create_dataset("scales", data=scales)
-            f.create_dataset("text", data=[r[2] for r in self.rows], dtype=strings)
-            f.create_dataset("source", data=[r[3] for r in self.rows], dtype=strings)
-            f.create_dataset("file_size", data=np.array([r[4][0] for r in self.rows], np.int64))
-            f.create_dataset("file_mtime_ns", data=np.array([r[4][1] for r in self.rows], np.int64))
+            f.create_dataset("text", data=[r[2] for r in rows], dtype=strings)
+            f.create_dataset("source", data=[r[3] for r in rows], dtype=strings)
+            f.create_dataset("file_size", data=np.array([r[4][0] for r in rows], np.int64))
+            f.create_dataset("file_mtime_ns", data=np.array([r[4][1] for r in rows], np.int64))
             f.attrs.update(self.attrs)
         tmp = f"{shard_path(self.out_dir, self.rank, self.index)}.tmp{os.getpid()}"
         intact = "the shards finished before it are intact: free some space and rerun the same command to resume"
@@ -293,7 +297,6 @@ class ShardWriter:
             if os.path.exists(tmp):
                 os.remove(tmp)
         self.index = int(path[-8:-3]) + 1
-        self.rows = []
         return path
 
 
@@ -512,10 +515,10 @@ class Encoding:
             if text is None:
                 self.unlabeled.append(entry["rel"])
             identity = file_identity(os.path.join(self.root, entry["rel"]))
-            for start, codes, scales in entry["clips"]:
-                self.writer.add(codes, scales, text or "", f"{entry['rel']}@{start:.2f}", identity)
-                self.stats["clips"] += 1
-                self.stats["steps"] += codes.shape[1]
+            self.writer.add([(codes, scales, text or "", f"{entry['rel']}@{start:.2f}", identity)
+                             for start, codes, scales in entry["clips"]])
+            self.stats["clips"] += len(entry["clips"])
+            self.stats["steps"] += sum(codes.shape[1] for _, codes, _ in entry["clips"])
             self.stats["files"] += 1
             if len(self.writer) >= self.cfg["shard_clips"]:
                 self.flush()
@@ -539,6 +542,15 @@ class Encoding:
             self.encode_pending()
             self.write_finished()
             self.flush()
+        except KeyboardInterrupt:      # Ctrl-C or SIGTERM: the files encoded so far become a shard
+            self.bar.close()
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)    # a second Ctrl-C must not cut that shard short
+            try:
+                self.flush()
+            finally:
+                signal.signal(signal.SIGINT, previous)
+            raise common.stopped(f"the files this run encoded ({self.stats['files']}) are in the shards in {self.out_dir}; "
+                                 "run the same command again to go on from there") from None
         finally:
             self.bar.close()
 
@@ -594,6 +606,7 @@ def main(argv):
     jobs = [(os.path.join(root, rel), rel, cfg["clip_seconds"], cfg["min_seconds"]) for rel in todo]
     durations = [audio_seconds(job[0]) for job in jobs]
     encoding = Encoding(cfg, codec, dev, writer, labels, root, out_dir, to_check, rank == 0, sum(durations))
+    common.stop_on_sigterm()
     encoding.run(read_in_order(jobs, cfg["num_workers"]), durations)
     encoding.summary(attrs, orphans)
     if encoding.stats["clips"] == 0 and not same:

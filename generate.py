@@ -139,14 +139,18 @@ def main(argv):
              f"past {model_cfg.max_len / common.FRAME_RATE:g} s by windows, a new one every {stride / common.FRAME_RATE:g} s"))
 
     t0 = time.time()
+    common.stop_on_sigterm()
     with common.disk_errors(c["out"], "the files finished before it are intact"):
         writers = [common.AudioWriter(p, c["format"], c["bitrate"], c["overwrite"]) for p in paths]
         try:
             stream_pieces(model, text_encoder, prompts, codes, codec, scale, writers, c, stride, mode)
             finals = [w.close() for w in writers]
-        except BaseException:
-            kept = [w.abort() for w in writers]
-            print(f"\nstopped: the audio made so far is kept in {', '.join(kept)}", file=sys.stderr)
+        except BaseException as e:
+            kept = [path for path in (w.abort() for w in writers) if path]
+            where = f"the audio made so far is kept in {', '.join(kept)}" if kept else "no audio had been made yet, so no file was left"
+            if isinstance(e, KeyboardInterrupt):         # Ctrl-C or SIGTERM: that line, no traceback
+                raise common.stopped(where) from None
+            print(f"\nstopped: {where}", file=sys.stderr)
             raise
         for i, (p, path) in enumerate(zip(prompts, finals)):
             meta = dict(prompt=p, seed=c["seed"], batch_index=i, batch_prompts=prompts, seconds=c["seconds"], steps=steps,
@@ -178,7 +182,7 @@ def stream_pieces(model, text_encoder, prompts, codes, codec, scale, writers, c,
     bar = tqdm(total=steps, unit="step", dynamic_ncols=True)
     sampler = M.generate(model, text_encoder, prompts, codes, seed=c["seed"], top_k=c["top_k"], top_p=c["top_p"],
                          temperature=c["temperature"], cfg=c["cfg"], stride=stride, mode=mode)
-    with torch.no_grad():
+    with torch.no_grad(), bar:         # the bar is closed before any word on how the run ended
         for start, end in sampler:
             bar.update(end - start)
             while end - decoded >= common.SEGMENT_STEPS or (end == steps and decoded < steps):
@@ -186,7 +190,6 @@ def stream_pieces(model, text_encoder, prompts, codes, codec, scale, writers, c,
                 decoded = min(steps, decoded + common.SEGMENT_STEPS)
         if stream.tail is not None:
             write(stream.finish())
-    bar.close()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """compress.py: audio folder → Encodec tokens in .h5 shards."""
 import json
 import os
+import signal
 
 import h5py
 import numpy as np
@@ -135,6 +136,35 @@ def test_interrupted_run_resumes_to_the_same_clips(music_dir, tmp_path):
     assert not [p for p in os.listdir(part) if ".tmp" in p]
     # and a rerun with everything done does nothing
     assert run(music_dir, part) == 0 and read_shards(part).keys() == clean.keys()
+
+
+def test_ctrl_c_or_sigterm_keeps_the_files_encoded_so_far(music_dir, tmp_path, monkeypatch, capsys):
+    assert run(music_dir, tmp_path / "clean") == 0
+    clean = read_shards(tmp_path / "clean")
+    calls, real = [], compress.encode_batch
+
+    def terminated_on_second_file(*args):     # SIGTERM (a VM being preempted) while the second file is encoded
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args)
+    monkeypatch.setattr(compress, "encode_batch", terminated_on_second_file)
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            run(music_dir, tmp_path / "out", "--batch_size=1")   # a codec call per file
+    finally:
+        signal.signal(signal.SIGTERM, handlers[0])
+    assert stop.value.code == 130 and signal.getsignal(signal.SIGINT) == handlers[1]
+    err = capsys.readouterr().err
+    assert "stopped: the files this run encoded (1) are in the shards" in err
+    kept = read_shards(tmp_path / "out")
+    assert sorted(kept) == sorted(k for k in clean if k.startswith("clip0.wav"))     # the whole first file, no part of the second
+    monkeypatch.undo()
+    assert run(music_dir, tmp_path / "out") == 0
+    resumed = read_shards(tmp_path / "out")
+    assert resumed.keys() == clean.keys() and all(np.array_equal(resumed[k][0], clean[k][0]) for k in clean)
+    assert len(compress.finished_shards(str(tmp_path / "out"))) == 2
 
 
 def test_settings_errors(music_dir, tmp_path):

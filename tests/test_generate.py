@@ -257,17 +257,29 @@ def test_an_interrupted_piece_is_kept_under_a_name_that_says_so(ckpt, tmp_path):
     (tmp_path / "x.wav").write_bytes(b"an earlier piece")
     proc = subprocess.Popen([sys.executable, "generate.py", "--ckpt", str(ckpt), "--prompt=x", "--seconds=600",
                              "--format=wav", "--out", str(tmp_path), "--device=cpu"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     partial = tmp_path / "x.partial.wav"
     deadline = time.time() + 120
     while time.time() < deadline and not (partial.exists() and partial.stat().st_size > 1000):   # its first second is out
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=60)
+    proc.send_signal(signal.SIGTERM)                      # as Ctrl-C: one line that says what is kept, status 130
+    last_words = proc.communicate(timeout=60)[1].strip().splitlines()[-1]
+    assert proc.returncode == 130 and last_words == f"stopped: the audio made so far is kept in {partial}"
     assert (tmp_path / "x.wav").read_bytes() == b"an earlier piece"
     assert sorted(os.listdir(tmp_path)) == ["x.partial.wav", "x.wav"]          # no .json: nothing looks finished
     audio, sr = sf.read(partial)                                               # what was made can be listened to
     assert sr == 48_000 and len(audio) >= common.SEGMENT_STRIDE           # at least its first second
+
+
+def test_a_piece_stopped_before_its_first_second_leaves_no_file(ckpt, tmp_path, monkeypatch, capsys):
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+        yield
+    monkeypatch.setattr(M, "generate", ctrl_c)
+    with pytest.raises(SystemExit) as stop:
+        gen(ckpt, tmp_path, "--prompt=x", "--prompt=y", "--seconds=5")
+    assert stop.value.code == 130 and os.listdir(tmp_path) == []
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "stopped: no audio had been made yet, so no file was left"
 
 
 def test_sampling_never_waits_for_the_device_during_a_piece():

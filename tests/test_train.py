@@ -236,7 +236,7 @@ def label_shards(folder, related, clips=32, steps=150):
         band = i % 8
         codes = rng.integers(8 * band, 8 * band + 8, (4, steps)).astype(np.int16)
         label = names[band] if related else names[rng.integers(0, 8)]
-        writer.add(codes, np.full(1, 0.1, np.float32), label, f"c{i}.wav@0.00")
+        writer.add([(codes, np.full(1, 0.1, np.float32), label, f"c{i}.wav@0.00", (0, 0))])
     writer.flush()
     return folder
 
