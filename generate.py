@@ -25,7 +25,7 @@ from common import UserError
 
 # -----------------------------------------------------------------------------
 # settings: edit here, or override on the command line as --name=value
-ckpt = "runs/music/ckpt.pt"  # checkpoint written by deploy.py, or a folder written by export.py
+ckpt = "runs/music/ckpt.pt"  # checkpoint written by deploy.py (or its run folder), or a folder written by export.py
 ema = True                   # use the checkpoint's EMA weights (false: the raw weights of its last step)
 prompt = []                  # text descriptions; repeat --prompt for several (generated together as one batch)
 seconds = 10.0               # length of each piece (with --continue_from: including the prompt audio)

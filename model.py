@@ -1065,14 +1065,17 @@ def load_checkpoint(path, device="cpu"):
 
 def load_model(path, ema=True, device="cpu"):
     """A model to sample from or to start a run from, and what goes with it: `path` is a checkpoint
-    (ckpt.pt: its EMA weights unless ema=False) or a folder written by export.py. Returns (model in eval
-    mode, info) with info: text_encoder, data (codec, n_q, typical_scale, ...), cond_dropout, step, weights."""
+    (ckpt.pt: its EMA weights unless ema=False), a run folder holding one, or a folder written by export.py.
+    Returns (model in eval mode, info) with info: text_encoder, data (codec, n_q, typical_scale, ...),
+    cond_dropout, step, weights."""
     from common import UserError
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(path, "ckpt.pt")):
+        path = os.path.join(path, "ckpt.pt")       # deploy.py's run folder
     if os.path.isdir(path):
         files = [os.path.join(path, f) for f in ("config.json", "model.safetensors")]
         if not all(os.path.exists(f) for f in files):
-            raise UserError(f"{path} is a folder without config.json and model.safetensors: give a ckpt.pt or a folder "
-                            "written by export.py")
+            raise UserError(f"{path} is a folder without ckpt.pt, config.json or model.safetensors: give a ckpt.pt, a "
+                            "run folder or a folder written by export.py")
         import json
         from safetensors.torch import load_file
         try:

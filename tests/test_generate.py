@@ -41,8 +41,8 @@ def test_mp3_per_prompt_with_complete_json(ckpt, tmp_path):
 
 def test_same_seed_same_codes_other_seed_differs(ckpt, tmp_path):
     codes = {}
-    for run, seed in (("a", 1), ("b", 1), ("c", 2)):
-        gen(ckpt, tmp_path / run, "--prompt=calm minor pad", "--seconds=1", f"--seed={seed}", "--format=wav")
+    for run, seed, path in (("a", 1, ckpt), ("b", 1, ckpt.parent), ("c", 2, ckpt)):    # b: the run folder names its ckpt.pt
+        gen(path, tmp_path / run, "--prompt=calm minor pad", "--seconds=1", f"--seed={seed}", "--format=wav")
         codes[run] = json.loads((tmp_path / run / "calm_minor_pad.wav.json").read_text())["codes"]
     assert codes["a"] == codes["b"] and codes["a"] != codes["c"]
     audio, sr = sf.read(tmp_path / "a" / "calm_minor_pad.wav")
