@@ -101,8 +101,9 @@ class Shards:
     def __init__(self, folder):
         self.paths = sorted(glob.glob(os.path.join(folder, "*.h5")))
         if not os.path.isdir(folder) or not self.paths:
-            raise UserError(f"no .h5 shards in --data={folder!r}: run compress.py first, e.g. "
-                            f"python compress.py --input=music/ --output={folder or 'data/'}")
+            audio = os.path.isdir(folder) and any(f.lower().endswith(common.AUDIO_EXTENSIONS) for f in os.listdir(folder))
+            raise UserError(f"no .h5 shards in --data={folder!r}: run compress.py first, e.g. python compress.py "
+                            + (f"--input={folder} --output=data/, then --data=data/" if audio else f"--input=music/ --output={folder}"))
         rows, lengths, texts, scales = [], [], [], []
         self.attrs = None
         for s, path in enumerate(self.paths):
@@ -262,6 +263,8 @@ def resolve(cfg, given):
                         + (" (--init_from starts a new run, in a folder of its own)" if cfg["init_from"] else ""))
     ckpt = init = None
     if cfg["resume"]:
+        if not os.path.exists(ckpt_path):
+            raise UserError(f"nothing to resume: {cfg['out']} holds no ckpt.pt. Leave out --resume to start a new run there")
         ckpt = M.load_checkpoint(ckpt_path)
         # the settings the model was built with; one a checkpoint predates takes ModelConfig's default, the
         # value it was built with (deploy.py's own default may have changed since, as positions' did)

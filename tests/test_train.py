@@ -138,6 +138,10 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="no .h5 shards in --data=.*run compress.py first"):
         run(tmp_path / "empty", tmp_path / "r")
+    (tmp_path / "music").mkdir()
+    (tmp_path / "music" / "song.WAV").write_bytes(b"")
+    with pytest.raises(SystemExit, match=r"run compress.py first, e.g. python compress.py --input=\S*music --output=data/, then --data=data/"):
+        run(tmp_path / "music", tmp_path / "r")        # the audio folder itself
     mixed = write_shards(tmp_path / "mixed", rank=0)
     write_shards(tmp_path / "mixed", rank=1, codec="encodec_48khz")
     with pytest.raises(SystemExit, match="shards disagree: .* has codec=encodec_48khz"):
@@ -145,7 +149,7 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     data = write_shards(tmp_path / "data")
     with pytest.raises(SystemExit, match="seq_len=9000 is longer than the model's max_len=600"):
         run(data, tmp_path / "r", "--seq_len=9000")
-    with pytest.raises(SystemExit, match="no checkpoint at"):
+    with pytest.raises(SystemExit, match="nothing to resume: .*nothing holds no ckpt.pt. Leave out --resume"):
         run(data, tmp_path / "nothing", "--resume")
     run(data, tmp_path / "r", "--max_steps=1", "--eval_interval=1")
     with pytest.raises(SystemExit, match="already holds a run .*add --resume to continue it, or choose another --out"):
