@@ -57,9 +57,12 @@ def main(argv):
         raise UserError("--ckpt is missing: give a checkpoint written by deploy.py, e.g. --ckpt=runs/lofi/ckpt.pt")
     if not c["out"]:
         raise UserError("--out is missing: give a folder to write the model into, e.g. --out=lofi-model")
-    if os.path.exists(c["out"]) and os.listdir(c["out"]) and not os.path.exists(os.path.join(c["out"], "config.json")):
-        raise UserError(f"--out={c['out']} already holds other files: choose a new folder")
     common.check_writable(c["out"], "out")
+    earlier = os.path.join(c["out"], "config.json")
+    if os.path.exists(c["out"]) and os.listdir(c["out"]) and not os.path.exists(earlier):
+        raise UserError(f"--out={c['out']} already holds other files: choose a new folder")
+    if os.path.exists(earlier):
+        print(f"replacing the earlier export in {c['out']}")
     config = export(c["ckpt"], c["out"], c["ema"])
     print(f"exported the {config['weights']} weights of {c['ckpt']} (step {config['step']}) to {c['out']}: "
           f"model.safetensors + config.json; generate with: python generate.py --ckpt={c['out']} --prompt=\"...\"")

@@ -13,6 +13,7 @@ import common
 import compress
 import deploy
 import example
+import export
 import generate
 from conftest import TINY_TRAIN, fill_disk, write_shards
 
@@ -47,6 +48,9 @@ def test_output_that_is_a_file_fails_before_any_work(tmp_path, tiny_ckpt):
     with pytest.raises(SystemExit) as e:
         generate.main(["--ckpt", str(tiny_ckpt), "--prompt=x", "--out", str(tmp_path / "afile"), "--seconds=1"])
     assert "is a file" in one_line(e)
+    with pytest.raises(SystemExit) as e:
+        export.main(["--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "afile")])
+    assert "--out=" in one_line(e) and "is a file" in one_line(e)
     assert (tmp_path / "afile").read_text() == "mine"
 
 

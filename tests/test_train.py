@@ -319,7 +319,7 @@ def test_init_from_starts_a_new_run_from_the_weights(tmp_path):
         deploy.main(args)
 
 
-def test_export_round_trips_without_pickle(tmp_path, tiny_ckpt):
+def test_export_round_trips_without_pickle(tmp_path, tiny_ckpt, capsys):
     import export
     import generate
     import model as M
@@ -344,6 +344,8 @@ def test_export_round_trips_without_pickle(tmp_path, tiny_ckpt):
     assert codes["ckpt"] == codes["export"]
     with pytest.raises(SystemExit, match="already holds other files"):
         export.main(["--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "ckpt")])
+    assert export.main(["--ckpt", str(tiny_ckpt.parent), "--out", str(tmp_path / "shared")]) == 0      # a new export, said
+    assert "replacing the earlier export in" in capsys.readouterr().out
 
 
 def test_the_listening_page_lists_exactly_the_samples_on_disk(tmp_path):
