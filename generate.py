@@ -137,6 +137,9 @@ def main(argv):
     print(f"{len(prompts)} × {c['seconds']:g} s, decoding {mode} in {str(dtype).removeprefix('torch.')} on {dev}; "
           + ("the state carries on at any length" if carry_on or steps <= model_cfg.max_len else
              f"past {model_cfg.max_len / common.FRAME_RATE:g} s by windows, a new one every {stride / common.FRAME_RATE:g} s"))
+    if mode == "compile":
+        print("the first step compiles the decoder: the bar waits for it (seconds when torch's compile cache holds it, "
+              "about a minute the first time on a CPU)")
 
     t0 = time.time()
     common.stop_on_sigterm()
