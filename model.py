@@ -351,7 +351,13 @@ class SelfAttention(nn.Module):
                     s.mul_(torch.exp(state["m"] - m_new)[..., None, None])
                     kf = kf * torch.exp(m[..., 0] - m_new)[..., None, None]
                     state["m"].copy_(m_new)
-                s.add_(ve.transpose(-1, -2) @ kf)   # as a product: inductor 2.11 miscompiles the broadcast form here
+                if torch.compiler.is_compiling():
+                    # φ(k) stored first: inductor 2.11 (CPU) miscompiles this update when it computes φ(k) inside it
+                    # (0.026 off in the logits); stored, the update is one pass over the sums, as fast as the BLAS call
+                    # it replaces at batch 1 and faster at batch 2 (BENCHMARKS.md)
+                    from torch._inductor import inductor_prims
+                    kf = inductor_prims.force_stride_order(kf, kf.stride())
+                s.addcmul_(ve.transpose(-1, -2), kf)       # Σ [v | 1]ᵀ φ(k), one outer product added in place
                 out = qf @ s.transpose(-1, -2)
                 return out[..., :-1] / out[..., -1:].clamp_min(1e-30)
             out = causal_linear_attention(qf, kf, v, m, self.cfg.chunk_size)
