@@ -147,6 +147,14 @@ def _fused_on_cpu(x):
     return torch.compiler.is_compiling() and x.device.type == "cpu" and not torch.is_grad_enabled()
 
 
+def _stored(x):
+    """x, stored in memory before what uses it, under torch.compile (inductor's own operator for it; there is
+    no public one): otherwise inductor may recompute x inside each loop that reads it, or, fused into
+    the FAVOR+ state update, compute it wrong (inductor 2.11, CPU)."""
+    from torch._inductor import inductor_prims
+    return inductor_prims.force_stride_order(x, x.stride())
+
+
 def attend(q, k, v, mask):
     """softmax(q kᵀ / √d + mask) v for (B, H, T, d) queries, (B, H, S, d) keys and values, mask (T, S)
     additive; F.scaled_dot_product_attention, or as sums where _fused_on_cpu."""
@@ -254,10 +262,7 @@ class Linear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         flat = x.reshape(rows, self.in_features)
         if _fused_on_cpu(x):
-            # the input stored first (inductor's own operator for it; there is no public one): else inductor
-            # recomputes what made it, a GELU say, once per weight row
-            from torch._inductor import inductor_prims
-            flat = inductor_prims.force_stride_order(flat.float(), flat.stride())
+            flat = _stored(flat.float())          # else inductor recomputes what made it, a GELU say, once per weight row
             w = self.weight.float()
             out = torch.stack([(w * row).sum(-1) for row in flat]) + self.bias.float()
         elif x.dtype == torch.float32:
@@ -352,11 +357,10 @@ class SelfAttention(nn.Module):
                     kf = kf * torch.exp(m[..., 0] - m_new)[..., None, None]
                     state["m"].copy_(m_new)
                 if torch.compiler.is_compiling():
-                    # φ(k) stored first: inductor 2.11 (CPU) miscompiles this update when it computes φ(k) inside it
-                    # (0.026 off in the logits); stored, the update is one pass over the sums, as fast as the BLAS call
-                    # it replaces at batch 1 and faster at batch 2 (BENCHMARKS.md)
-                    from torch._inductor import inductor_prims
-                    kf = inductor_prims.force_stride_order(kf, kf.stride())
+                    # φ(k) stored first: computed inside this update, inductor 2.11 (CPU) gets it wrong (0.026 off in
+                    # the logits); stored, the update is one pass over the sums, as fast as the BLAS call it
+                    # replaces at batch 1 and faster at batch 2 (BENCHMARKS.md)
+                    kf = _stored(kf)
                 s.addcmul_(ve.transpose(-1, -2), kf)       # Σ [v | 1]ᵀ φ(k), one outer product added in place
                 out = qf @ s.transpose(-1, -2)
                 return out[..., :-1] / out[..., -1:].clamp_min(1e-30)
@@ -1075,8 +1079,9 @@ def load_model(path, ema=True, device="cpu"):
     Returns (model in eval mode, info) with info: text_encoder, data (codec, n_q, typical_scale, ...),
     cond_dropout, step, weights."""
     from common import UserError
-    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(path, "ckpt.pt")):
-        path = os.path.join(path, "ckpt.pt")       # deploy.py's run folder
+    run_ckpt = os.path.join(path, "ckpt.pt")           # in deploy.py's run folder
+    if os.path.isfile(run_ckpt) and not os.path.exists(os.path.join(path, "config.json")):
+        path = run_ckpt
     if os.path.isdir(path):
         files = [os.path.join(path, f) for f in ("config.json", "model.safetensors")]
         if not all(os.path.exists(f) for f in files):
