@@ -313,8 +313,12 @@ def step_times(base, c, dev):
             sync(dev)
             r["times"].append((time.perf_counter() - t) / 20)
     median = lambda v: sorted(v)[len(v) // 2]
-    return dict(limit_ms=1e3 * median(limits), weight_mb=wbytes / 1e6,
-                steps={"/".join(map(str, k)): dict(ms=1e3 * median(r["times"]), setup_s=r["setup_s"], ops=r["ops"]) for k, r in runs.items()})
+    steps = {"/".join(map(str, k)): dict(ms=1e3 * median(r["times"]), setup_s=r["setup_s"], ops=r["ops"]) for k, r in runs.items()}
+    for (dtype, mode, key), r in runs.items():
+        if key == 2:       # what guidance costs: batch 2 over batch 1 of the same round (the machine's pace drifts between rounds)
+            one = runs[(dtype, mode, 1)]["times"]
+            steps[f"{dtype}/{mode}/2"]["vs_batch1"] = median([t2 / t1 for t2, t1 in zip(r["times"], one)])
+    return dict(limit_ms=1e3 * median(limits), weight_mb=wbytes / 1e6, steps=steps)
 
 
 def long_part(c, dev):
@@ -561,14 +565,15 @@ def decode_section(c, sub, rate):
     for key in sorted({k.rsplit("/", 1)[0] for k in r["steps"]}):
         one, two, full = (r["steps"].get(f"{key}/{b}") for b in (1, 2, "2+sampler"))
         rows.append([*key.split("/"), f"{one['ms']:.2f} ms = {one['ms'] / limit:.2f}× limit",
-                     f"{two['ms']:.2f} ms = {two['ms'] / limit:.2f}× limit", f"{two['ms'] / one['ms']:.2f}× batch 1",
+                     f"{two['ms']:.2f} ms = {two['ms'] / limit:.2f}× limit", f"{two['vs_batch1']:.2f}× batch 1",
                      f"{full['ms']:.2f} ms = {full['ms'] / two['ms']:.2f}× the step" if full else "",
                      f"{one['setup_s']:.0f} s", f"{one['ops']} / {two['ops']}" if one.get("ops") else ""])
     best = min(v["ms"] for k, v in r["steps"].items() if k.endswith("/1"))
     per_second = best * common.FRAME_RATE + r["codec_ms_per_second"]
     return ([f"### A decode step of the default model ({r['weight_mb']:.0f} MB of fp32 weights read per step)\n",
              f"Limit: those bytes / the weight-read rate, measured between the rounds: **{limit:.2f} ms**. "
-             f"Each figure is the median of {c['rounds']} interleaved rounds of 20 steps.\n"] + table(rows) +
+             f"Each figure is the median of {c['rounds']} interleaved rounds of 20 steps; what guidance costs, the median "
+             f"of each round's batch 2 / batch 1.\n"] + table(rows) +
             ["", f"bf16 weights against fp32 on {min(300, c['decode_steps'])} teacher-forced steps: largest logit difference "
              f"{r['bf16']['max_abs']:.3f}, mean KL(fp32 ‖ bf16) {r['bf16']['mean_kl']:.2e} nats, same most likely code "
              f"{r['bf16']['top1']:.1%} of the time.", "",
