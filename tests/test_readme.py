@@ -17,7 +17,7 @@ SMALL = {
     "generate.py": ["--seconds=1", "--device=cpu"],
     "export.py": [],
     "example.py": ["--clips_per_label=1", "--clip_seconds=3", "--steps=4", "--seconds=1", "--out=example_small"],
-    "bench.py": ["--parts=decode,generate,encode", "--modes=eager", "--rounds=1", "--decode_steps=20", "--encode_clips=1", "--encode_seconds=2",
+    "bench.py": ["--parts=decode", "--modes=eager", "--rounds=1", "--decode_steps=20", "--encode_clips=1", "--encode_seconds=2",
                  "--compress_clips=2", "--cap_seconds=300", "--device=cpu"],
 }
 

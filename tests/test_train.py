@@ -104,13 +104,20 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     script.write_text(
         "import os, sys, torch\n"
         f"sys.path.insert(0, {ROOT!r})\n"
-        "import deploy\n"
+        "import deploy, model\n"
+        "save = model.save_checkpoint\n"
+        "def save_and_keep_step_3(path, ckpt):   # the run's checkpoint at step 3, kept for the resume below\n"
+        "    save(path, ckpt)\n"
+        "    if ckpt['step'] == 3 and os.environ.get('KEEP_STEP_3'):\n"
+        "        os.makedirs(os.environ['KEEP_STEP_3'])\n"
+        "        save(os.path.join(os.environ['KEEP_STEP_3'], 'ckpt.pt'), ckpt)\n"
+        "model.save_checkpoint = save_and_keep_step_3\n"
         "net = deploy.main(sys.argv[1:])\n"
         "flat = torch.cat([p.detach().flatten() for p in net.parameters()] + [b.flatten() for n, b in net.named_buffers()])\n"
         "torch.save(flat, os.path.join(os.environ['CHECK_DIR'], f\"rank{os.environ['RANK']}.pt\"))\n")
     env = dict(os.environ, CHECK_DIR=str(tmp_path), OMP_NUM_THREADS="1")
 
-    def torchrun(out, *extra):
+    def torchrun(out, *extra, env=env):
         result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                                  str(script), "--data", str(data), "--out", str(out), *TINY_TRAIN, "--eval_interval=3",
                                  "--feature_redraw_interval=2", "--grad_accum=2", "--lr_decay_steps=6", *extra],
@@ -119,7 +126,7 @@ def test_ddp_two_processes_on_cpu(tmp_path):
         return result.stdout
 
     out = tmp_path / "run"
-    stdout = torchrun(out, "--max_steps=6")
+    stdout = torchrun(out, "--max_steps=6", env=dict(env, KEEP_STEP_3=str(tmp_path / "run2")))
     assert "effective batch = 4 clips × 2 accumulation × 2 processes = 16 clips" in stdout
     assert stdout.count("saved") == 2                              # only rank 0 writes (steps 3 and 6)
     assert sorted(os.listdir(out)) == ["ckpt.pt", "index.html", "loss.png", "metrics.jsonl"]
@@ -127,8 +134,7 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     assert torch.equal(r0, r1)                                    # identical weights and random features
     uninterrupted = torch.load(out / "ckpt.pt", weights_only=True)
     assert uninterrupted["step"] == 6 and len(uninterrupted["rng"]) == 2   # each rank's random state
-    # stopped at step 3 and resumed: the same weights as the uninterrupted run
-    torchrun(tmp_path / "run2", "--max_steps=3")
+    # resumed from its checkpoint at step 3: the same weights as the uninterrupted run
     torchrun(tmp_path / "run2", "--max_steps=6", "--resume")
     resumed = torch.load(tmp_path / "run2" / "ckpt.pt", weights_only=True)
     assert all(torch.equal(resumed["model"][k], uninterrupted["model"][k]) for k in resumed["model"])
