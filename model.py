@@ -119,15 +119,29 @@ def favor_projection(nb_features, dim_head, seed):
         return gaussian_orthogonal_random_matrix(nb_features, dim_head, scaling=0)
 
 
-def favor_features(x, projection, kernel, is_query, key_mask=None):
+FEATURE_FLOOR = 1e-3   # generalized kernel: φ(x) = relu(x·Wᵀ) + 1e-3, as performer-pytorch
+
+
+def favor_features(x, projection, kernel, is_query, key_mask=None, floor=None):
     """Feature maps in float32. Returns (features, stabiliser m or None). Softmax-kernel key features are
     exp(a_j - m_j) with m_j the running maximum over positions <= j (causal; for non-causal use with a
     key_mask, the maximum over the unmasked keys). Query stabilisers cancel between numerator and
-    denominator, so each query uses its own maximum."""
-    x = x.float() * x.shape[-1] ** -0.25
+    denominator, so each query uses its own maximum. floor: the generalized kernel's (F,) tensor of
+    FEATURE_FLOOR, which the attention modules keep (None: made here)."""
+    scale = x.shape[-1] ** -0.25
+    # contiguous: a matmul would otherwise copy a slice of heads of several sequences once more
+    x = x.to(torch.float32, memory_format=torch.contiguous_format)
+    generalized = kernel == "generalized"
+    if generalized and not _fused_on_cpu(x):
+        floor = projection.new_full(projection.shape[:1], FEATURE_FLOOR) if floor is None else floor
+        # relu(s·x·Wᵀ) + floor as max(s·x·Wᵀ + floor, floor): one product that scales and offsets too, and a
+        # clamp (two operations, where scaling x, its product, relu and the sum were four)
+        xw = torch.addmm(floor, x.reshape(-1, x.shape[-1]), projection.t(), alpha=scale)
+        return xw.clamp_min_(FEATURE_FLOOR).view(*x.shape[:-1], -1), None
+    x = x * scale
     xw = (x.unsqueeze(-2) * projection).sum(-1) if _fused_on_cpu(x) else x @ projection.t()   # (B, H, T, F)
-    if kernel == "generalized":
-        return F.relu(xw) + 1e-3, None
+    if generalized:
+        return F.relu(xw) + FEATURE_FLOOR, None
     a = xw - 0.5 * x.pow(2).sum(-1, keepdim=True)
     if is_query:
         return torch.exp(a - a.amax(-1, keepdim=True)), None
@@ -227,26 +241,38 @@ def local_attention(q, k, v, window):
 # -----------------------------------------------------------------------------
 # positions
 
-def sinusoid(positions, dim):
-    """(T,) positions → (T, dim) float32 [sin | cos] embedding, as performer-pytorch's FixedPositionalEmbedding.
-    The angles are computed in float64 so that they stay exact at positions far past any training length."""
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float64) / dim))
-    angles = positions.double()[:, None] * inv_freq
-    return torch.cat([angles.sin(), angles.cos()], -1).float()
+def frequencies(dim):
+    """The dim / 2 angular frequencies of a sinusoid over dim features, in float64, so that the angles stay
+    exact at positions far past any training length. Made once, kept as a (non-persistent) model buffer."""
+    return 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
 
 
-def rotary_table(positions, dim_head):
-    """(T,) positions → the (sin, cos) pair rotary() applies, each (T, dim_head), made once per forward."""
-    sin, cos = sinusoid(positions, dim_head).chunk(2, -1)
-    return sin.repeat_interleave(2, -1), cos.repeat_interleave(2, -1)
+def sinusoid(positions, freqs, dtype):
+    """(T,) positions → (T, 2 · len(freqs)) [sin | cos] embedding, as performer-pytorch's FixedPositionalEmbedding."""
+    angles = positions.double()[:, None] * freqs
+    return torch.cat([angles.sin(), angles.cos()], -1).to(dtype)
+
+
+def rotary_frequencies(dim_head):
+    """Each frequency twice, for the feature pair it rotates, the first one negated: the sines of the angles
+    then carry the signs rotary() needs (sin(-a) = -sin(a)), with no operation to make them."""
+    f = frequencies(dim_head).repeat_interleave(2)
+    f[0::2] *= -1
+    return f
+
+
+def rotary_table(positions, freqs, dtype):
+    """(T,) positions → the (signed sin, cos) pair rotary() applies, each (T, dim_head), made once per forward."""
+    angles = positions.double()[:, None] * freqs
+    return angles.sin().to(dtype), angles.cos().to(dtype)
 
 
 def rotary(x, table):
-    """Rotary embedding: consecutive feature pairs of x rotated by the angles of its positions."""
+    """Rotary embedding: each consecutive feature pair (x1, x2) of x rotated by the angle a of its position,
+    to (x1 cos a - x2 sin a, x2 cos a + x1 sin a): the pair swapped, times the table's signed sines."""
     sin, cos = (t.to(x.dtype) for t in table)
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    rotated = torch.stack([-x2, x1], -1).flatten(-2)
-    return x * cos + rotated * sin
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return torch.addcmul(x * cos, swapped, sin)
 
 
 class Linear(nn.Linear):
@@ -292,11 +318,24 @@ def _keep(state, key, value):
 
 
 def _with_ones(v):
-    """v (..., D) float32 → (..., D+1) with a last column of ones: the normaliser rides along with the values."""
+    """v (..., D) → (..., D+1) with a last column of ones: the normaliser rides along with the values."""
     return F.pad(v, (0, 1), value=1.0)
 
 
-class SelfAttention(nn.Module):
+class FavorHeads(nn.Module):
+    """What the two attention modules share when they use FAVOR+: the random features (a buffer redrawn in
+    training and saved with the model) and the generalized kernel's floor (a constant, kept so that a
+    step makes no tensor for it)."""
+
+    def keep_features(self, cfg):
+        self.register_buffer("projection", torch.zeros(cfg.nb_features, cfg.dim_head))
+        self.register_buffer("floor", torch.full((cfg.nb_features,), FEATURE_FLOOR), persistent=False)
+
+    def features(self, x, is_query, key_mask=None):
+        return favor_features(x, self.projection, self.cfg.kernel, is_query, key_mask, self.floor)
+
+
+class SelfAttention(FavorHeads):
     def __init__(self, cfg):
         super().__init__()
         self.cfg, self.h, self.d = cfg, cfg.heads, cfg.dim_head
@@ -307,7 +346,7 @@ class SelfAttention(nn.Module):
         # which heads see rotary positions: all, except FAVOR+ heads when positions are relative
         self.rotate_from = self.n_global if cfg.positions == "relative" and cfg.attention == "favor" else 0
         if cfg.attention == "favor":
-            self.register_buffer("projection", torch.zeros(cfg.nb_features, cfg.dim_head))
+            self.keep_features(cfg)
 
     def init_state(self, b, device, dtype, capacity):
         g, w, d = self.n_global, self.cfg.local_window, self.d
@@ -344,13 +383,12 @@ class SelfAttention(nn.Module):
         softmax = self.cfg.kernel == "softmax"
         with torch.autocast(v.device.type, enabled=False):
             if softmax:
-                qf, _ = favor_features(qk[0], self.projection, self.cfg.kernel, is_query=True)
-                kf, m = favor_features(qk[1], self.projection, self.cfg.kernel, is_query=False)
+                qf, _ = self.features(qk[0], is_query=True)
+                kf, m = self.features(qk[1], is_query=False)
             else:                                                        # the same map for both: one product
-                (qf, kf), m = favor_features(qk, self.projection, self.cfg.kernel, is_query=True)
-            v = v.float()
+                (qf, kf), m = self.features(qk, is_query=True)
             if step:                                                     # one position, in place
-                s, ve = state["s"], _with_ones(v)
+                s, ve = state["s"], _with_ones(v)                        # (v in bf16 too: addcmul_ sums in float32)
                 if softmax:
                     m_new = torch.maximum(state["m"], m[..., 0])           # (B, H)
                     s.mul_(torch.exp(state["m"] - m_new)[..., None, None])
@@ -369,7 +407,7 @@ class SelfAttention(nn.Module):
                 if softmax:
                     state["m"].copy_(m[..., -1])
                     kf = kf * torch.exp(m - m[..., -1:]).unsqueeze(-1)
-                state["s"].copy_(_with_ones(v).transpose(-1, -2) @ kf)
+                state["s"].copy_(_with_ones(v.float()).transpose(-1, -2) @ kf)
             return out
 
     def _exact(self, qk, v, ctx, state, step):
@@ -400,7 +438,7 @@ class SelfAttention(nn.Module):
         return local_attention(q, k, v, w)
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(FavorHeads):
     """Attention from the music to the text tokens; padded text tokens have no influence at all."""
 
     def __init__(self, cfg):
@@ -411,7 +449,7 @@ class CrossAttention(nn.Module):
         self.to_out = Linear(cfg.heads * cfg.dim_head, cfg.dim)
         self.drop = nn.Dropout(cfg.dropout)
         if cfg.cross_attention == "favor":
-            self.register_buffer("projection", torch.zeros(cfg.nb_features, cfg.dim_head))
+            self.keep_features(cfg)
 
     def init_state(self, b, device, dtype, capacity):
         return {}     # the text's keys and values, made once by prefill
@@ -427,7 +465,7 @@ class CrossAttention(nn.Module):
                 _keep(state, "kv", kv)
         if self.cfg.cross_attention == "favor":
             with torch.autocast(q.device.type, enabled=False):
-                qf, _ = favor_features(q, self.projection, self.cfg.kernel, is_query=True)
+                qf, _ = self.features(q, is_query=True)
                 out = qf @ kv.transpose(-1, -2)
                 out = out[..., :-1] / out[..., -1:].clamp_min(1e-30)
         else:
@@ -442,7 +480,7 @@ class CrossAttention(nn.Module):
         if self.cfg.cross_attention == "softmax":
             return k, v, mask
         with torch.autocast(k.device.type, enabled=False):
-            kf, _ = favor_features(k, self.projection, self.cfg.kernel, is_query=False, key_mask=mask[:, None, :])
+            kf, _ = self.features(k, is_query=False, key_mask=mask[:, None, :])
             kf = kf * mask[:, None, :, None]
             return _with_ones(v.float()).transpose(-1, -2) @ kf   # (B, H, D+1, F)
 
@@ -601,6 +639,9 @@ class MusicTransformer(nn.Module):
         self.head = Linear(cfg.dim, cfg.n_q * cfg.vocab)   # the n_q output heads, as one matmul
         for emb in self.embed:
             nn.init.normal_(emb.weight, std=cfg.n_q ** -0.5)
+        # the positions' frequencies, float64: made once, not saved (a function of the settings)
+        self.register_buffer("embed_freqs", frequencies(cfg.dim), persistent=False)
+        self.register_buffer("rotary_freqs", rotary_frequencies(cfg.dim_head), persistent=False)
         self.redraw_features(0)
 
     @torch.no_grad()
@@ -636,10 +677,12 @@ class MusicTransformer(nn.Module):
 
     def _embed(self, tokens, positions):
         """tokens (B, n_q, T) at `positions` (T,) → (B, T, dim), and the rotary table."""
-        x = sum(emb(tokens[:, k]) for k, emb in enumerate(self.embed))
+        x = self.embed[0](tokens[:, 0])
+        for k in range(1, self.cfg.n_q):
+            x = x + self.embed[k](tokens[:, k])
         if self.cfg.positions == "absolute":
-            x = x + sinusoid(positions, self.cfg.dim).to(x.dtype)
-        return self.drop(x), tuple(t.to(x.dtype) for t in rotary_table(positions, self.cfg.dim_head))
+            x = x + sinusoid(positions, self.embed_freqs, x.dtype)
+        return self.drop(x), rotary_table(positions, self.rotary_freqs, x.dtype)
 
     def _logits(self, x):
         x = self.norm(x)
@@ -670,9 +713,14 @@ class MusicTransformer(nn.Module):
     def init_state(self, batch, device, dtype=torch.float32):
         """Decoding state for `batch` sequences, allocated once: per layer the FAVOR+ sums (B, H, D+1, F) and
         their stabiliser (B, H), a ring of the local heads' last local_window keys and values, the
-        token-shift input, the text's keys and values; and the position, as a tensor."""
-        return dict(pos=torch.zeros(1, dtype=torch.long, device=device),
-                    layers=[(block.f.init_state(batch, device, dtype, self.window()),
+        token-shift input, the text's keys and values; the position, as a tensor; and the additive masks of
+        step's attention, (1, slots): 0 on the key slots written so far, -inf on the others, kept up to date
+        by one operation a step."""
+        unwritten = lambda n: torch.full((1, n), float("-inf"), dtype=dtype, device=device)
+        state = dict(pos=torch.zeros(1, dtype=torch.long, device=device), ring=unwritten(self.cfg.local_window))
+        if self.cfg.attention == "softmax":
+            state["seen"] = unwritten(self.window())
+        return dict(state, layers=[(block.f.init_state(batch, device, dtype, self.window()),
                              block.g.init_state(batch, device, dtype, self.window())) for block in self.blocks])
 
     @torch.no_grad()
@@ -684,7 +732,10 @@ class MusicTransformer(nn.Module):
         x1 = x2 = x
         for block, layer_state in zip(self.blocks, state["layers"]):
             x1, x2 = block(x1, x2, ctx, layer_state)
-        state["pos"].fill_(tokens.shape[-1])
+        t = tokens.shape[-1]
+        state["pos"].fill_(t)
+        for mask in (state[key] for key in ("ring", "seen") if key in state):
+            mask.fill_(float("-inf"))[:, :t].zero_()
         return self._logits((x1[:, -1:] + x2[:, -1:]) / 2)[:, :, 0]
 
     @torch.no_grad()
@@ -693,15 +744,10 @@ class MusicTransformer(nn.Module):
         memory at every position; only tensor operations, so one step can be captured as a CUDA graph."""
         pos = state["pos"]
         x, rot = self._embed(tokens[..., None], pos)
-
-        def additive(n):
-            """(1, n): 0 on the key slots written so far, -inf on the others. Made once per step, as the
-            attention would otherwise make it from a boolean mask in every layer."""
-            unwritten = torch.arange(n, device=pos.device) > pos
-            return torch.zeros(1, n, dtype=x.dtype, device=pos.device).masked_fill_(unwritten, float("-inf"))
-        ctx = dict(step=True, rotary=rot, pos=pos, slot=pos % self.cfg.local_window, ring=additive(self.cfg.local_window))
+        slot = pos % self.cfg.local_window
+        ctx = dict(step=True, rotary=rot, pos=pos, slot=slot, ring=state["ring"].index_fill_(1, slot, 0.0))
         if self.cfg.attention == "softmax":
-            ctx["seen"] = additive(self.window())
+            ctx["seen"] = state["seen"].index_fill_(1, pos, 0.0)
         x1 = x2 = x
         for block, layer_state in zip(self.blocks, state["layers"]):
             x1, x2 = block(x1, x2, ctx, layer_state)
@@ -724,8 +770,9 @@ def sample_next(logits, noise, top_k=250, top_p=1.0, temperature=1.0, cfg=1.0):
     logits = logits.float()
     if cfg != 1.0:
         cond, uncond = logits.chunk(2)
-        logits = uncond + cfg * (cond - uncond)
-    logits = logits / temperature
+        logits = torch.lerp(uncond, cond, cfg)             # uncond + cfg · (cond - uncond), one operation
+    if temperature != 1.0:
+        logits = logits / temperature
     if top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
