@@ -173,6 +173,8 @@ def attend(q, k, v, mask):
     """softmax(q kᵀ / √d + mask) v for (B, H, T, d) queries, (B, H, S, d) keys and values, mask (T, S)
     additive; F.scaled_dot_product_attention, or as sums where _fused_on_cpu."""
     if not _fused_on_cpu(q):
+        if q.stride(-1) != 1:   # a few rows from model.Linear's CPU path (a transposed product): SDPA's fused
+            q = q.contiguous()  # kernels need stride 1 there, and its composite path took 4.5× as long
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     scores = (q.float().unsqueeze(-2) * k.float().unsqueeze(-3)).sum(-1) * q.shape[-1] ** -0.5 + mask   # (B, H, T, S)
     return (scores.softmax(-1).unsqueeze(-1) * v.float().unsqueeze(-3)).sum(-2).to(q.dtype)
