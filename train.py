@@ -280,6 +280,8 @@ def write_samples(model, text_encoder, c, data_info, step, out_dir, device):
         common.write_audio(path, wav)
         common.write_spectrogram(path + ".png", wav)
         common.write_json(path + ".json", dict(prompt=prompt, step=step))
+    print(f"step {step}: {len(prompts)} sample(s) of {c.sample_seconds:g} s in {folder} (step{step:06d}_*.mp3; all of them: "
+          f"{os.path.join(out_dir, 'index.html')})")
 
 
 # -----------------------------------------------------------------------------
