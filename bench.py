@@ -42,6 +42,7 @@ seq_len = 4500              # internal
 precision = "bfloat16"      # internal: autocast dtype of a training step on CUDA (float32: none)
 depth = 6                   # internal
 reversible = True           # internal
+compiled = False            # internal: the training step with deploy.py's --compile (MusicTransformer.compile_for_training)
 # -----------------------------------------------------------------------------
 
 
@@ -136,6 +137,7 @@ def train_step_part(c, dev):
         net = our_model(dict(attention=c["impl"], depth=c["depth"], reversible=c["reversible"], max_len=t), dev)
         text = torch.randn(1, 16, 384, device=dev)
     mask = torch.ones(1, 16, dtype=torch.bool, device=dev)
+    run = net.compile_for_training() if c["compiled"] else net
     n_params = sum(p.numel() for p in net.parameters())
     codes = torch.randint(0, 1024, (1, 4, t), device=dev)
     tokens = M.inputs_from_targets(codes, 1024)
@@ -144,7 +146,7 @@ def train_step_part(c, dev):
         else torch.autocast("cpu", enabled=False)
     times = []
     for i in range(2 if dev == "cpu" else 4):
-        if i and times[0] > 20:        # a slow configuration: its first step is the measurement
+        if i and times[0] > 20 and not c["compiled"]:   # a slow configuration: its first step is the measurement
             break
         if i == 1 and dev.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
@@ -152,7 +154,7 @@ def train_step_part(c, dev):
         before = current_memory_gib(dev)
         start = time.time()
         with autocast:
-            loss, _ = M.codebook_loss(net(tokens, text, mask), codes)
+            loss, _ = M.codebook_loss(run(tokens, text, mask), codes)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -526,10 +528,12 @@ def train_section(c, sub, rate):
     (its recomputation runs outside it), so it runs in fp32, and the ratio is taken against ours in fp32."""
     cuda = c["device"].startswith("cuda")
     lines = ["### Training step (forward + backward + AdamW), batch 1" + (", bf16 autocast (the reference: fp32)" if cuda else "") + "\n"]
-    rows = [["seq_len", "ours (FAVOR+)", "ours, attention=softmax", "performer-pytorch reference", "ours vs reference"]]
+    names = ("favor", "compiled", "softmax", "performer") if cuda else ("favor", "softmax", "performer")  # compiling: minutes on a CPU
+    rows = [["seq_len", "ours (FAVOR+)", *(["ours, --compile"] if cuda else []), "ours, attention=softmax",
+             "performer-pytorch reference", "ours vs reference"]]
     for t in map(int, c["seq_lens"].split(",")):
-        found = {name: sub(dict(part="train", impl=name, seq_len=t, precision="float32" if name == "performer" else "bfloat16"))
-                 for name in ("favor", "softmax", "performer")}
+        found = {name: sub(dict(part="train", impl="favor" if name == "compiled" else name, compiled=name == "compiled", seq_len=t,
+                                precision="float32" if name == "performer" else "bfloat16")) for name in names}
         cells = [f"{r['seconds']:.2f} s, {r['peak_gib']:.2f} GiB, MFU {r['flops'] / r['seconds'] / rate:.0%}" if "seconds" in r
                  else f"stopped: over {c['cap_seconds']} s" if r.get("capped") else f"failed: {r['error']}" for r in found.values()]
         ours = sub(dict(part="train", impl="favor", seq_len=t, precision="float32")) if cuda else found["favor"]

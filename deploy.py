@@ -80,7 +80,7 @@ wandb_project = "music-transformer"
 # system
 device = "auto"             # auto (cuda when available), cpu, cuda
 dtype = "bfloat16"          # autocast dtype on CUDA: bfloat16, float16 or float32
-compile = False             # torch.compile the model
+compile = False             # torch.compile each reversible branch (README: "Training")
 seed = 1337
 # -----------------------------------------------------------------------------
 RANGES = dict(   # what each numeric setting accepts; anything else stops with one line before work starts

@@ -570,6 +570,10 @@ class ReversibleBlock(nn.Module):
     def __init__(self, f, g):
         super().__init__()
         self.f, self.g = f, g
+        self.compiled = None   # (f, g) compiled, for the reversible training pass (MusicTransformer.compile_for_training)
+
+    def __getstate__(self):    # a copy (the EMA model's) is not compiled: the compiled branches hold the original's weights
+        return dict(self.__dict__, compiled=None)
 
     def forward(self, x1, x2, ctx, states=None):
         y1 = x1 + self.f(x2, ctx, None if states is None else states[0])
@@ -577,19 +581,21 @@ class ReversibleBlock(nn.Module):
         return y1, y2
 
     def forward_recording(self, x1, x2, ctx):
+        f, g = self.compiled or (self.f, self.g)
         self.rng_f = RandomState(x1.device)
-        y1 = x1 + self.f(x2, ctx)
+        y1 = x1 + f(x2, ctx)
         self.rng_g = RandomState(x1.device)
-        y2 = x2 + self.g(y1, ctx)
+        y2 = x2 + g(y1, ctx)
         return y1, y2
 
     def backward_pass(self, y1, y2, dy1, dy2, ctx):
         """Rebuild (x1, x2) from (y1, y2) and turn (dy1, dy2) into (dx1, dx2); parameter gradients (and
         the text's, through ctx) accumulate as a side effect."""
-        g_y1, dg = _rerun(self.g, self.rng_g, y1, dy2, ctx)
+        f, g = self.compiled or (self.f, self.g)
+        g_y1, dg = _rerun(g, self.rng_g, y1, dy2, ctx)
         with torch.no_grad():
             x2, dx1 = y2 - g_y1, dy1 + dg
-        f_x2, df = _rerun(self.f, self.rng_f, x2, dx1, ctx)
+        f_x2, df = _rerun(f, self.rng_f, x2, dx1, ctx)
         with torch.no_grad():
             x1, dx2 = y1 - f_x2, dy2 + df
         return x1, x2, dx1, dx2
@@ -656,6 +662,22 @@ class MusicTransformer(nn.Module):
                 n += 1
                 seed = (self.cfg.seed * 1_000_003 + index * 10_007 + n) % 2**63
                 module.projection.copy_(favor_projection(self.cfg.nb_features, self.cfg.dim_head, seed))
+
+    def compile_for_training(self, backend="inductor"):
+        """torch.compile for the training loop: returns what to call instead of this model (the same weights).
+        Dynamo cannot trace the reversible stack whole (a custom autograd.Function that records random
+        states; it would run uncompiled, silently), so there each residual branch is compiled whole
+        (fullgraph), for the forward pass and for the backward pass's recomputation; decoding, evaluation and
+        copies of the model stay uncompiled. Dropout draws its masks as uncompiled code does (inductor's
+        fallback_random), from the random state that the backward pass restores, so the recomputation
+        replays the forward's masks. Without reversible layers: the whole forward."""
+        options = dict(backend=backend, options=dict(fallback_random=True) if backend == "inductor" else None)
+        if not self.cfg.reversible:
+            return torch.compile(self, **options)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)   # 4 kinds of branch × grad modes × autocast
+        for block in self.blocks:
+            block.compiled = tuple(torch.compile(branch, fullgraph=True, **options) for branch in (block.f, block.g))
+        return self
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())

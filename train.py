@@ -374,7 +374,7 @@ def train(config, data, rank, world, device, ckpt=None, init=None, resume_hint="
     ema = EMA(raw_model, c.ema_decay) if c.ema_decay > 0 else None
     step, best_val = restore(ckpt, init, raw_model, ema, optimizer, rank, device)
     judge = ema.model if ema is not None else raw_model   # validation and samples use the EMA weights
-    model = torch.compile(raw_model) if c.compile else raw_model
+    model = raw_model.compile_for_training() if c.compile else raw_model
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if cuda else None)
     data_info = data.info(c)

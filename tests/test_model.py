@@ -1,4 +1,5 @@
 """model.py: exact causal FAVOR+, recurrent decoding, reversible layers, text masking."""
+import copy
 import itertools
 from dataclasses import replace
 
@@ -220,6 +221,32 @@ def test_reversible_gradients_equal_plain_backprop_with_dropout():
     for (name, a), b in zip(rev.named_parameters(), plain.parameters()):
         assert a.grad is not None, name
         assert (a.grad - b.grad).norm() <= 1e-4 * b.grad.norm() + 1e-9, name
+
+
+def test_compiled_training_compiles_every_branch_and_equals_eager():
+    """deploy.py --compile: Dynamo cannot trace the reversible stack whole, so each residual branch is
+    compiled whole (a graph break would be an error, not a silent fall back to eager), for the forward pass
+    and for the backward's recomputation, which must replay the forward's dropout; in float32 and under
+    bf16 autocast. With aot_eager (Dynamo and AOTAutograd, without inductor's C++ builds, which take
+    minutes on 2 cores); tests/test_cuda.py runs inductor."""
+    from torch._dynamo.utils import counters
+    eager, compiled = tiny(dropout=0.1, depth=1).train(), tiny(dropout=0.1, depth=1).train()
+    run = compiled.compile_for_training("aot_eager")
+    assert all(block.compiled is None for block in copy.deepcopy(compiled).blocks)   # the EMA's copy: eager
+    tokens, text, mask = inputs(t=40)
+    targets = torch.randint(0, 1024, (2, 4, 40), generator=torch.Generator().manual_seed(0))
+    counters.clear()
+    for autocast in (False, True):
+        grads = []
+        for net, call in ((eager, eager), (compiled, run)):
+            net.zero_grad()
+            torch.manual_seed(123)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss, _ = M.codebook_loss(call(tokens, text, mask), targets)
+            loss.backward()
+            grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
+        assert (grads[0] - grads[1]).abs().max() <= (1e-2 if autocast else 1e-5) * grads[0].abs().max(), autocast
+    assert counters["stats"]["unique_graphs"] >= 16    # 4 kinds of branch × (forward, recomputation) × 2 precisions
 
 
 @pytest.mark.parametrize("cross,kernel", [("favor", "generalized"), ("favor", "softmax"), ("softmax", "generalized")])
