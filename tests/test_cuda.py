@@ -5,7 +5,7 @@ import torch
 
 import model as M
 from test_generate import open_tiny, stub_text_encoder
-from test_model import inputs, tiny
+from test_model import inputs, tiny, training_gradients
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible to torch")
 
@@ -62,17 +62,10 @@ def test_compiled_bf16_training_step_equals_eager_on_cuda():
     dropout (its masks drawn as eager draws them, so the backward's recomputation replays them)."""
     eager, compiled = tiny(dropout=0.1).cuda(), tiny(dropout=0.1).cuda()
     run = compiled.compile_for_training()
-    tokens, text, mask = (t.cuda() for t in inputs(t=128))
-    targets = torch.randint(0, 1024, (2, 4, 128), device="cuda")
-    grads = []
-    for net, call in ((eager, eager), (compiled, run)):
-        torch.manual_seed(123)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss, _ = M.codebook_loss(call(tokens, text, mask), targets)
-        loss.backward()
-        grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
-    assert torch.isfinite(grads[1]).all()
-    assert torch.nn.functional.cosine_similarity(grads[0], grads[1], 0) > 0.999
+    batch = (*(t.cuda() for t in inputs(t=128)), torch.randint(0, 1024, (2, 4, 128), device="cuda"))
+    want, got = [training_gradients(net, call, batch, "cuda", True) for net, call in ((eager, eager), (compiled, run))]
+    assert torch.isfinite(got).all()
+    assert torch.nn.functional.cosine_similarity(want, got, 0) > 0.999
 
 
 def test_compiled_and_captured_decoding_matches_eager_on_cuda():

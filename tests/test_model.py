@@ -223,6 +223,18 @@ def test_reversible_gradients_equal_plain_backprop_with_dropout():
         assert (a.grad - b.grad).norm() <= 1e-4 * b.grad.norm() + 1e-9, name
 
 
+def training_gradients(net, call, batch, device, autocast):
+    """The gradients (flattened) of one training step of net, called through `call` (net, or its compiled
+    form), from seed 123 (dropout's masks); under bf16 autocast on `device` if autocast."""
+    tokens, text, mask, targets = batch
+    net.zero_grad()
+    torch.manual_seed(123)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+        loss, _ = M.codebook_loss(call(tokens, text, mask), targets)
+    loss.backward()
+    return torch.cat([p.grad.flatten() for p in net.parameters()])
+
+
 def test_compiled_training_compiles_every_branch_and_equals_eager():
     """deploy.py --compile: Dynamo cannot trace the reversible stack whole, so each residual branch is
     compiled whole (a graph break would be an error, not a silent fall back to eager), for the forward pass
@@ -233,19 +245,11 @@ def test_compiled_training_compiles_every_branch_and_equals_eager():
     eager, compiled = tiny(dropout=0.1, depth=1).train(), tiny(dropout=0.1, depth=1).train()
     run = compiled.compile_for_training("aot_eager")
     assert all(block.compiled is None for block in copy.deepcopy(compiled).blocks)   # the EMA's copy: eager
-    tokens, text, mask = inputs(t=40)
-    targets = torch.randint(0, 1024, (2, 4, 40), generator=torch.Generator().manual_seed(0))
+    batch = (*inputs(t=40), torch.randint(0, 1024, (2, 4, 40), generator=torch.Generator().manual_seed(0)))
     counters.clear()
     for autocast in (False, True):
-        grads = []
-        for net, call in ((eager, eager), (compiled, run)):
-            net.zero_grad()
-            torch.manual_seed(123)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                loss, _ = M.codebook_loss(call(tokens, text, mask), targets)
-            loss.backward()
-            grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
-        assert (grads[0] - grads[1]).abs().max() <= (1e-2 if autocast else 1e-5) * grads[0].abs().max(), autocast
+        want, got = [training_gradients(net, call, batch, "cpu", autocast) for net, call in ((eager, eager), (compiled, run))]
+        assert (want - got).abs().max() <= (1e-2 if autocast else 1e-5) * want.abs().max(), autocast
     assert counters["stats"]["unique_graphs"] >= 16    # 4 kinds of branch × (forward, recomputation) × 2 precisions
 
 
