@@ -428,8 +428,6 @@ def generate_part(c, dev):
     """generate.py's path end to end (tokens with cfg 3, streamed codec decode, MP3 written as it is made),
     decode_steps per prompt at batch 1 and 4, and the time until the first second of audio is on disk; for
     each of generate_modes (decode=compile twice: its first piece in a process compiles, the second not)."""
-    import tempfile
-    import generate
     import model as M
     net = decoding_copy(our_model(dict(dropout=0.0), "cpu").eval(), torch.bfloat16, dev)    # generate.py's default at these batches
     codec = common.load_codec("untrained", "", 0, 6.0, dev)
@@ -438,26 +436,35 @@ def generate_part(c, dev):
         mode = M.decode_mode(requested, dev, c["decode_steps"])
         for batch in (1, 4):
             for piece in (1, 2) if mode == "compile" else (1,):
-                with tempfile.TemporaryDirectory() as tmp:
-                    writers = [common.AudioWriter(os.path.join(tmp, f"{i}.mp3")) for i in range(batch)]
-                    first = {}
-                    original_write = writers[0].write
-
-                    def timed_write(wav, _t0=time.time(), _first=first, _write=original_write):
-                        _first.setdefault("s", time.time() - _t0)
-                        _write(wav)
-                    writers[0].write = timed_write
-                    codes = torch.full((batch, 4, c["decode_steps"]), M.UNKNOWN, dtype=torch.long, device=dev)
-                    settings = dict(seed=0, top_k=250, top_p=1.0, temperature=1.0, cfg=3.0, gain_db=0.0)
-                    sync(dev)
-                    t = time.time()
-                    generate.stream_pieces(net, random_text, ["x"] * batch, codes, codec, 0.1, writers, settings, 2700, mode)
-                    for w in writers:
-                        w.close()
-                    sync(dev)
-                    result[f"{requested}/{piece}/batch{batch}"] = dict(
-                        total_s=time.time() - t, first_audio_s=first["s"], mode=mode, dtype="bfloat16")
+                result[f"{requested}/{piece}/batch{batch}"] = dict(
+                    timed_piece(net, codec, batch, c["decode_steps"], mode, dev), mode=mode, dtype="bfloat16")
     return result
+
+
+def timed_piece(net, codec, batch, steps, mode, dev):
+    """One generate.py piece of `steps` per prompt for `batch` prompts (cfg 3, top-k 250, MP3s written as
+    they are made): seconds in all, and until the first second of audio was handed to the first file."""
+    import tempfile
+    import generate
+    import model as M
+    with tempfile.TemporaryDirectory() as tmp:
+        writers = [common.AudioWriter(os.path.join(tmp, f"{i}.mp3")) for i in range(batch)]
+        first = {}
+        original_write = writers[0].write
+
+        def timed_write(wav, _t0=time.time(), _first=first, _write=original_write):
+            _first.setdefault("s", time.time() - _t0)
+            _write(wav)
+        writers[0].write = timed_write
+        codes = torch.full((batch, 4, steps), M.UNKNOWN, dtype=torch.long, device=dev)
+        settings = dict(seed=0, top_k=250, top_p=1.0, temperature=1.0, cfg=3.0, gain_db=0.0)
+        sync(dev)
+        t = time.time()
+        generate.stream_pieces(net, random_text, ["x"] * batch, codes, codec, 0.1, writers, settings, 2700, mode)
+        for w in writers:
+            w.close()
+        sync(dev)
+        return dict(total_s=time.time() - t, first_audio_s=first["s"])
 
 
 def encode_part(c, dev):
