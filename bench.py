@@ -15,9 +15,9 @@ import subprocess
 import sys
 import time
 
+import common  # first: Ctrl-C while the libraries below load then ends in one line, not a traceback
 import torch
 
-import common
 
 # -----------------------------------------------------------------------------
 device = "auto"             # auto (cuda when available), cpu, cuda

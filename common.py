@@ -16,18 +16,39 @@ import signal
 import subprocess
 import sys
 import tempfile
+import unicodedata
 import warnings
 from contextlib import contextmanager, suppress
 
-import numpy as np
-import torch
+
+
+def _stop_quietly(kind, value, tb, default=sys.excepthook):
+    """Ctrl-C that no part of a script caught (while its libraries load, or before it has made anything):
+    one line and exit status 130, as every other interruption ends, instead of a traceback. Each script
+    imports this module before the large libraries, so that this holds from its first second."""
+    if not issubclass(kind, KeyboardInterrupt):
+        return default(kind, value, tb)
+    print("\nstopped (Ctrl-C) before there was anything to keep", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
+
+
+sys.excepthook = _stop_quietly
+
+import numpy as np  # noqa: E402  (after the hook above: these take seconds to load)
+import torch  # noqa: E402
 
 SAMPLE_RATE = 48_000      # Encodec 48 kHz: everything is resampled to this
 CHANNELS = 2              # ... and made stereo
 FRAME_RATE = 150          # codec steps per second
 SEGMENT_STEPS = 150       # the 48 kHz model codes audio in 1 s segments of 150 steps each ...
 SEGMENT_STRIDE = 47_520   # ... that start every 0.99 s (1 % overlap, blended by overlap-add when decoding)
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
+# the names compress.py reads as audio: every format the bundled ffmpeg decodes that music comes in (and the
+# audio of video containers); each file is then read by soundfile or ffmpeg (read_native)
+AUDIO_EXTENSIONS = (".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".mp2", ".m4a", ".m4b", ".aac", ".alac",
+                    ".mp4", ".m4v", ".mov", ".3gp", ".webm", ".weba", ".mka", ".mkv", ".aif", ".aiff", ".aifc", ".caf",
+                    ".wma", ".asf", ".wv", ".ape", ".tta", ".mpc", ".ac3", ".eac3", ".dts", ".amr", ".au", ".snd", ".w64")
 
 
 class UserError(SystemExit):
@@ -194,6 +215,44 @@ def _process_alive(pid):
     return True
 
 
+@contextmanager
+def folder_lock(folder, flag):
+    """Hold FOLDER/.lock while the block runs, so that one live run at a time writes into `folder`: a second
+    stops with one line that names the first one's process. The lock is the system's (flock), so a process
+    that died holds none; the file names its holder and is removed at the end, so a run that finds one with
+    a name in it and gets the lock knows its last holder was killed, and says that it takes over."""
+    import fcntl
+    import socket
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, ".lock")
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 300, 0).decode(errors="replace").split()
+            os.close(fd)
+            who = f"process {holder[1]} on {holder[0]}" if len(holder) == 2 else "another process"
+            raise UserError(f"{folder} is in use by another run ({who}): wait for it to end or stop it, or choose "
+                            f"another --{flag}") from None
+        with suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break               # else the holder removed this file while it was opened here: take the new one
+        os.close(fd)
+    try:
+        holder = os.pread(fd, 300, 0).decode(errors="replace").split()
+        if len(holder) == 2:
+            print(f"NOTE: {folder} was last used by process {holder[1]} on {holder[0]}, which ended without letting go of "
+                  "it (killed?); this run takes it over")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{socket.gethostname()} {os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        with suppress(OSError):
+            os.remove(path)         # while still holding it
+        os.close(fd)
+
+
 def write_json(path, obj):
     with atomic_path(path) as tmp:
         with open(tmp, "w") as f:
@@ -236,6 +295,22 @@ def disk_errors(path, intact):
             raise
         what = "no space left on the device" if cause.errno in (errno.ENOSPC, errno.EDQUOT) else cause.strerror.lower()
         raise UserError(f"{what} while writing {path}; {intact}") from None
+
+
+def check_memory(nbytes, device, what):
+    """Stop with one line, before anything is allocated, where `nbytes` cannot fit in the memory free on
+    `device` (a CPU: the RAM the system calls available; a GPU: its free memory)."""
+    if str(device).startswith("cuda"):
+        free = torch.cuda.mem_get_info(torch.device(device))[0]
+    else:
+        try:
+            with open("/proc/meminfo") as f:
+                free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        except (OSError, StopIteration, ValueError):
+            return      # no way to tell here: the allocation itself will say
+    if nbytes > free:
+        raise UserError(f"{what} needs {nbytes / 2**30:.1f} GiB but {device} has {free / 2**30:.1f} GiB free: choose a "
+                        "smaller model (dim, depth) or a machine with more memory")
 
 
 def distributed_env():
@@ -299,15 +374,14 @@ def nvidia_driver():
 # audio in
 
 def stream_48k(path, block_seconds=10.0):
-    """Yield an audio file (WAV/FLAC/OGG/MP3, any rate and channel count) as consecutive float32 (2, n)
-    blocks at 48 kHz stereo. Memory is bounded by the block, not the file, and the blocks joined are
+    """Yield an audio file (any format read_native reads, any rate and channel count) as consecutive float32
+    (2, n) blocks at 48 kHz stereo. Memory is bounded by the block, not the file, and the blocks joined are
     sample for sample what resampling the whole file at once gives: each block is resampled with enough
     real context on both sides, starting at a multiple of the resampler's period."""
-    import soundfile as sf
-    info = sf.info(path)
-    sr = info.samplerate
+    blocks = read_native(path, block_seconds)
+    sr, _ = next(blocks)
     if sr == SAMPLE_RATE:
-        for block in _native_blocks(path, info, int(block_seconds * sr)):
+        for block in blocks:
             yield _to_stereo(block)
         return
     import torchaudio.transforms as AT
@@ -325,7 +399,7 @@ def stream_48k(path, block_seconds=10.0):
         skip = (start - a) // period * out_period
         return y[:, skip:skip + last - start // period * out_period]
 
-    for block in _native_blocks(path, info, step):
+    for block in _rechunked(blocks, step):
         buf = torch.cat([buf, _to_stereo(block)], 1)
         total += block.shape[0]
         while total >= start + step + context:
@@ -339,36 +413,116 @@ def stream_48k(path, block_seconds=10.0):
         start = end
 
 
-def _native_blocks(path, info, frames):
-    """float32 (frames, channels) blocks at the file's own rate."""
-    if info.format == "MP3":   # libsndfile's MP3 reader glitches at the edges of partial reads: use ffmpeg
-        cmd = [ffmpeg_exe(), "-v", "error", "-nostdin", "-i", path, "-map", "0:a:0", "-f", "f32le", "-acodec", "pcm_f32le",
-               "-ac", str(info.channels), "-ar", str(info.samplerate), "-"]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+def _rechunked(blocks, frames):
+    """(n, C) blocks of any sizes → blocks of exactly `frames` (the last one shorter)."""
+    pending, held = [], 0
+    for block in blocks:
+        pending.append(block)
+        held += len(block)
+        if held >= frames:
+            joined = np.concatenate(pending)
+            for i in range(0, len(joined) - frames + 1, frames):
+                yield joined[i:i + frames]
+            rest = joined[len(joined) // frames * frames:]
+            pending, held = [rest], len(rest)
+    if held:
+        yield np.concatenate(pending)
+
+
+def _soundfile_reads(path):
+    """soundfile's description of the file, where libsndfile reads it well: not MP3, whose partial reads
+    glitch at their edges in libsndfile; None otherwise."""
+    import soundfile as sf
+    try:
+        info = sf.info(path)
+    except Exception:
+        return None
+    return info if info.format != "MP3" and info.frames > 0 else None
+
+
+def read_native(path, block_seconds=10.0):
+    """The one reader of audio files. Yields (sample rate, channels) first, then float32 (frames, channels)
+    blocks of about block_seconds at the file's own rate. soundfile reads what libsndfile reads well (WAV,
+    FLAC, Ogg, Opus, AIFF, ...); everything else ffmpeg can decode (MP3, M4A/AAC, WebM, WMA, the audio of
+    a video, ...) comes from the bundled ffmpeg as a WAV stream, the first audio stream of the file. Memory
+    is bounded by a block either way. A file neither can read raises ValueError with ffmpeg's reason."""
+    info = _soundfile_reads(path)
+    if info is not None:
+        import soundfile as sf
+        yield info.samplerate, info.channels
+        with warnings.catch_warnings(), sf.SoundFile(path) as f:
+            warnings.simplefilter("ignore")
+            while True:
+                block = f.read(max(1, int(block_seconds * info.samplerate)), dtype="float32", always_2d=True)
+                if not len(block):
+                    return
+                yield block
+    cmd = [ffmpeg_exe(), "-v", "error", "-nostdin", "-i", path, "-map", "0:a:0", "-vn", "-map_metadata", "-1",
+           "-c:a", "pcm_f32le", "-f", "wav", "-"]
+    with tempfile.TemporaryFile() as errors:            # a file, not a pipe: ffmpeg never waits on its messages
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errors)
         try:
-            width = 4 * info.channels
+            rate, channels = _wav_header(proc.stdout)
+            if rate is None:
+                proc.wait()
+                errors.seek(0)
+                raise ValueError(_ffmpeg_reason(errors.read()))
+            yield rate, channels
+            width = 4 * channels
+            frames = max(1, int(block_seconds * rate))
             while True:
                 data = proc.stdout.read(frames * width)
                 if len(data) >= width:
-                    yield np.frombuffer(data[:len(data) // width * width], np.float32).reshape(-1, info.channels)
+                    yield np.frombuffer(data[:len(data) // width * width], np.float32).reshape(-1, channels)
                 if len(data) < frames * width:
                     break
             if proc.wait() != 0:
-                raise RuntimeError(proc.stderr.read().decode(errors="replace").strip().splitlines()[-1:] or "ffmpeg failed")
+                errors.seek(0)
+                raise ValueError(_ffmpeg_reason(errors.read()))
         finally:
             proc.kill()
             proc.wait()
             proc.stdout.close()
-            proc.stderr.close()
-        return
-    import soundfile as sf
-    with warnings.catch_warnings(), sf.SoundFile(path) as f:
-        warnings.simplefilter("ignore")
-        while True:
-            block = f.read(frames, dtype="float32", always_2d=True)
-            if not len(block):
-                break
-            yield block
+
+
+def _wav_header(stream):
+    """(sample rate, channels) from the head of a WAV stream, read up to its data chunk; (None, None) if
+    the stream ends first (ffmpeg could not decode the file)."""
+    import struct
+    if stream.read(12)[8:12] != b"WAVE":
+        return None, None
+    rate = channels = None
+    while True:
+        head = stream.read(8)
+        if len(head) < 8:
+            return None, None
+        kind, size = head[:4], struct.unpack("<I", head[4:])[0]
+        if kind == b"data":
+            return (rate, channels) if rate else (None, None)
+        body = stream.read(size + size % 2)
+        if kind == b"fmt ":
+            channels, rate = struct.unpack("<HI", body[2:8])
+
+
+def _ffmpeg_reason(message):
+    lines = message.decode(errors="replace").strip().splitlines()
+    return lines[-1].strip() if lines else "ffmpeg found no audio in it"
+
+
+def audio_seconds(path):
+    """The length of an audio file in seconds without decoding it: soundfile's header, else what ffmpeg says
+    of the file (None where the file does not say). Raises ValueError with the reason for a file that holds
+    no audio either can read."""
+    info = _soundfile_reads(path)
+    if info is not None:
+        return info.duration
+    out = subprocess.run([ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", path], capture_output=True, timeout=120)
+    text = out.stderr.decode(errors="replace")
+    if not re.search(r"Stream #\S+.*?: Audio: ", text):
+        lines = [line.strip() for line in text.splitlines() if line.strip() and "output file" not in line]
+        raise ValueError(lines[-1].replace(f"{path}: ", "") if lines else "no audio stream in it")
+    duration = re.search(r"Duration: (\d+):(\d+):(\d+(?:\.\d+)?)", text)
+    return int(duration[1]) * 3600 + int(duration[2]) * 60 + float(duration[3]) if duration else None
 
 
 def _to_stereo(block):
@@ -411,7 +565,7 @@ class AudioWriter:
     def __init__(self, path, fmt="mp3", bitrate="192k", overwrite=False):
         if fmt not in ("mp3", "wav"):
             raise UserError(f"format={fmt!r} is not supported; use mp3 or wav")
-        self.path, self.fmt, self.overwrite, self.samples = path, fmt, overwrite, 0
+        self.path, self.fmt, self.overwrite, self.samples, self.finished = path, fmt, overwrite, 0, None
         stem, ext = os.path.splitext(path)
         for partial in numbered(f"{stem}.partial{ext}"):
             try:
@@ -458,17 +612,29 @@ class AudioWriter:
             if self.ffmpeg.wait() != 0:
                 self._ffmpeg_failed()
 
-    def close(self):
-        """Finish the file and give it its final name (returned)."""
+    def close(self, meta=None):
+        """Finish the file and give it its final name (returned). With meta, its `.json` is written first, beside
+        the partial file, and renamed with it: a piece that has its final name has its .json."""
         self._finish_encoding()
+        if meta is not None:
+            write_json(self.partial + ".json", meta)
         if self.overwrite:
             os.replace(self.partial, self.path)
-            return self.path
-        return publish_new(self.partial, (p for p in numbered(self.path) if not os.path.exists(p + ".json")))
+            final = self.path
+        else:
+            final = publish_new(self.partial, (p for p in numbered(self.path) if not os.path.exists(p + ".json")))
+        if meta is not None:
+            os.replace(self.partial + ".json", final + ".json")
+        self.finished = final
+        return final
 
     def abort(self):
         """Stop writing and keep what was written under its partial name (returned); a file with no audio
-        in it yet is removed instead (None)."""
+        in it yet is removed instead (None), and so is a .json written for it. A finished file: None."""
+        if self.finished:
+            return None
+        with suppress(FileNotFoundError):
+            os.remove(self.partial + ".json")
         try:
             self._finish_encoding()
         except (UserError, OSError, ValueError):
@@ -493,8 +659,33 @@ def write_audio(path, wav, fmt="mp3", bitrate="192k", overwrite=True):
 
 
 def slug(text, limit=60):
-    """A file name for a prompt."""
-    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:limit] or "unconditional"
+    """A file name for a label: its letters, marks and digits in any script (lower case, NFC), every run of
+    anything else one '_', at most `limit` characters; 'unconditional' for the empty text, and a short hash
+    of the text for one with no letter or digit at all."""
+    text = unicodedata.normalize("NFC", text).lower()
+    kept = "".join(c if unicodedata.category(c)[0] in "LMN" else "_" for c in text)
+    name = re.sub("_+", "_", kept).strip("_")[:limit].strip("_")
+    return name or ("unconditional" if not text.strip() else f"label_{_short_hash(text)}")
+
+
+def file_names(texts, limit=60):
+    """A file name for each text (slug), no two the same: where different texts share a slug, each gets a
+    short hash of its text added; a text given again gets _1, _2, ... in order."""
+    slugs = [slug(t, limit) for t in texts]
+    owners = {}
+    for text, name in zip(texts, slugs):
+        owners.setdefault(name, set()).add(text)
+    names, seen = [], {}
+    for text, name in zip(texts, slugs):
+        name = f"{name}_{_short_hash(text)}" if len(owners[name]) > 1 else name
+        names.append(f"{name}_{seen[name]}" if seen.get(name) else name)
+        seen[name] = seen.get(name, 0) + 1
+    return names
+
+
+def _short_hash(text):
+    import hashlib
+    return hashlib.sha1(text.encode()).hexdigest()[:6]
 
 
 def write_spectrogram(path, wav):

@@ -20,16 +20,18 @@ import multiprocessing as mp
 import os
 import queue
 import signal
+import stat
+import subprocess
 import sys
 import time
 from collections import Counter
 
+import common  # first: Ctrl-C while the libraries below load then ends in one line, not a traceback
 import h5py
 import numpy as np
 import torch
 from tqdm import tqdm
 
-import common
 from common import SAMPLE_RATE, SEGMENT_STEPS, SEGMENT_STRIDE, UserError
 
 # -----------------------------------------------------------------------------
@@ -67,14 +69,37 @@ def label_text(value):
     return str(value).strip()
 
 
+def read_text(path):
+    """A text file a person wrote: UTF-8 (with or without a byte-order mark), else Windows-1252, which is
+    what Excel on Windows saves as plain "CSV" (said once per file); anything else stops with one line."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        pass
+    try:
+        text = raw.decode("cp1252")
+    except UnicodeDecodeError:
+        text = "\0"
+    if "\0" in text:
+        raise UserError(f"{path} is not text (neither UTF-8 nor Windows-1252): save it as CSV UTF-8 or plain text")
+    print(f"NOTE: {path} is not UTF-8; it was read as Windows-1252 (Excel's plain CSV): check that accented labels "
+          "look right, or save it as CSV UTF-8")
+    return text
+
+
 def _sidecar_text(audio_path):
     base = os.path.splitext(audio_path)[0]
     if os.path.exists(base + ".txt"):
-        with open(base + ".txt", encoding="utf-8-sig") as f:
-            return f.read().strip()
+        return read_text(base + ".txt").strip()
     if os.path.exists(base + ".json"):
-        with open(base + ".json", encoding="utf-8-sig") as f:
-            meta = json.load(f)
+        try:
+            meta = json.loads(read_text(base + ".json"))
+        except ValueError as e:
+            raise UserError(f"{base}.json is not valid JSON ({e}): fix it or remove it") from None
+        if not isinstance(meta, dict):
+            return None
         if label_text(meta.get("description")):
             return label_text(meta["description"])
         parts = [label_text(meta.get(key)) for key in ("genre", "moods", "keywords", "instrument")]
@@ -88,35 +113,40 @@ def _table_key(path):
 
 
 def read_metadata(root):
-    """{path as written: text} from metadata.csv or metadata.jsonl (a byte-order mark is fine), or None."""
+    """({path as written: text}, [(path, earlier text, kept text)] for paths listed twice with different
+    texts: the last row wins) from metadata.csv or metadata.jsonl, or (None, [])."""
     csv_path, jsonl_path = os.path.join(root, "metadata.csv"), os.path.join(root, "metadata.jsonl")
-    table = {}
+    rows = []
     if os.path.exists(csv_path):
-        with open(csv_path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            if not {"file", "text"} <= set(reader.fieldnames or []):
-                raise UserError(f"{csv_path} needs a header row with columns file,text (found {reader.fieldnames})")
-            for row in reader:
-                table[row["file"] or ""] = label_text(row["text"])
-        return table
-    if os.path.exists(jsonl_path):
-        with open(jsonl_path, encoding="utf-8-sig") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    table[str(row["file"])] = label_text(row.get("text"))
-                except (ValueError, KeyError, TypeError, AttributeError):
-                    raise UserError(f'{jsonl_path} line {n} is not {{"file": ..., "text": ...}}') from None
-        return table
-    return None
+        reader = csv.DictReader(io.StringIO(read_text(csv_path), newline=""))
+        if not {"file", "text"} <= set(reader.fieldnames or []):
+            raise UserError(f"{csv_path} needs a header row with columns file,text (found {reader.fieldnames})")
+        rows = [(row["file"] or "", label_text(row["text"])) for row in reader]
+    elif os.path.exists(jsonl_path):
+        for n, line in enumerate(read_text(jsonl_path).splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                rows.append((str(row["file"]), label_text(row.get("text"))))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise UserError(f'{jsonl_path} line {n} is not {{"file": ..., "text": ...}}') from None
+    else:
+        return None, []
+    table, twice = {}, []
+    for path, text in rows:
+        if path in table and table[path] != text:
+            twice.append((path, table[path], text))
+        table[path] = text
+    return table, twice
 
 
 def load_labels(root, files):
-    """{relative path: text, or None when a file has no label}, and the metadata rows that name no file.
-    A row matches a file by its path with either separator, then by the same path in other letter case."""
-    table = read_metadata(root) or {}
+    """{relative path: text, or None when a file has no label}, the metadata rows that name no file, and
+    the paths metadata lists twice with different texts (read_metadata). A row matches a file by its path
+    with either separator, then by the same path in other letter case."""
+    table, twice = read_metadata(root)
+    table = table or {}
     exact = {_table_key(rel): rel for rel in files}
     folded = {}
     for rel in files:
@@ -132,7 +162,7 @@ def load_labels(root, files):
     for rel in files:
         if rel not in labels:
             labels[rel] = _sidecar_text(os.path.join(root, rel))
-    return labels, orphans
+    return labels, orphans, twice
 
 
 # -----------------------------------------------------------------------------
@@ -186,7 +216,7 @@ def file_pieces(path, rel, clip_segments, min_secs):
     remainder = n - start
     if remainder >= max(min_secs * SAMPLE_RATE, SAMPLE_RATE):
         add(buf[:, start - buf_start:start - buf_start + common.clip_samples(common.whole_segments(remainder))].clone())
-    elif remainder > SAMPLE_RATE - SEGMENT_STRIDE:  # beyond the overlap the last clip already covers
+    elif remainder >= SAMPLE_RATE:  # a shorter tail holds no whole codec segment: nothing a clip could have kept
         summary["dropped_seconds"] = remainder / SAMPLE_RATE
     summary.update(clips=clips, seconds=n / SAMPLE_RATE)
     if kept == 0:
@@ -378,12 +408,18 @@ def report_codec_check(checks, out_dir, codec_name):
     print("\n".join(["codec check (listen: *.original.mp3 against *.codec.mp3):", *lines, summary]))
 
 
-def audio_seconds(path):
-    import soundfile as sf
-    try:
-        return sf.info(path).duration
-    except Exception:
-        return 0.0
+def durations(paths):
+    """Each file's length in seconds for the progress bar (0 where its header does not say), read by a few
+    threads: for files only ffmpeg reads, that is one short ffmpeg process each."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def seconds(path):
+        try:
+            return common.audio_seconds(path) or 0.0
+        except (ValueError, OSError, subprocess.SubprocessError):
+            return 0.0
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(seconds, paths))
 
 
 def names(items):
@@ -411,12 +447,44 @@ def validate(cfg):
 
 
 def find_audio(root, out_dir):
-    files = sorted(os.path.relpath(p, root) for p in glob.glob(os.path.join(glob.escape(root), "**", "*"), recursive=True)
-                   if p.lower().endswith(common.AUDIO_EXTENSIONS) and os.path.isfile(p)
-                   and not os.path.abspath(p).startswith(out_dir + os.sep))
+    """The audio files under root, by their names (common.AUDIO_EXTENSIONS), as sorted paths relative to it,
+    each real file once: links are followed, but a folder reached twice (a link loop, two links to one
+    folder) is read once, and a file reached by two paths is read under the first. Also {extension: count}
+    of the other files, which are not read (label files, sidecars and hidden files apart)."""
+    files, seen, other = [], set(), Counter()
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        st = os.stat(folder)
+        inside_output = os.path.abspath(folder) == out_dir or os.path.abspath(folder).startswith(out_dir + os.sep)
+        if (st.st_dev, st.st_ino) in seen or inside_output:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs.sort()
+        stems = {os.path.splitext(n)[0] for n in names if n.lower().endswith(common.AUDIO_EXTENSIONS)}
+        for name in sorted(names):
+            path = os.path.join(folder, name)
+            stem, ext = os.path.splitext(name)
+            if not ext.lower() in common.AUDIO_EXTENSIONS:
+                label = name in ("metadata.csv", "metadata.jsonl") or (ext.lower() in (".txt", ".json") and stem in stems)
+                if not (label or name.startswith(".")):
+                    other[ext.lower() or "(no extension)"] += 1
+                continue
+            try:
+                st = os.stat(path)
+            except OSError:          # a broken link
+                continue
+            if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                files.append(os.path.relpath(path, root))
     if not files:
-        raise UserError(f"no audio files ({', '.join(common.AUDIO_EXTENSIONS)}) found under {root}")
-    return files
+        held = f" (it holds {sum(other.values())} files of other kinds: {kinds(other)})" if other else ""
+        raise UserError(f"no audio files found under {root}{held}; compress.py reads the formats ffmpeg decodes, by "
+                        f"their names: {', '.join(common.AUDIO_EXTENSIONS)}")
+    return sorted(files), other
+
+
+def kinds(counts):
+    return ", ".join(f"{ext} {n}" for ext, n in counts.most_common())
 
 
 def plan(files, root, out_dir, attrs, rank, world):
@@ -554,14 +622,14 @@ class Encoding:
         finally:
             self.bar.close()
 
-    def summary(self, attrs, orphans):
+    def summary(self, attrs, orphans, twice, other):
         s, took = self.stats, max(1e-9, time.time() - self.t0)
         print(f"done in {took:.0f} s: {s['files']} files → {s['clips']} clips, {s['steps'] / common.FRAME_RATE / 3600:.2f} h "
               f"of audio (codec {attrs['codec']}, {s['encoded_seconds'] / took:.1f} audio-s/s), shards in {self.out_dir}; "
               "time spent " + ", ".join(f"{k} {v / took:.0%}" for k, v in self.busy.items()))
         print(f"skipped files: {sum(self.skipped.values())}" + "".join(f", {k}: {v}" for k, v in sorted(self.skipped.items())))
-        print(f"dropped: {s['dropped_remainders']} remainders shorter than min_seconds={self.cfg['min_seconds']}, "
-              f"{s['silent_clips']} silent clips")
+        print(f"dropped: {s['dropped_remainders']} remainders of 1 s or more but shorter than min_seconds="
+              f"{self.cfg['min_seconds']}, {s['silent_clips']} silent clips")
         if self.loud:
             print(f"louder than full scale: {sum(n for _, n, _ in self.loud)} clips in {len(self.loud)} files (peak up to "
                   f"{max(p for *_, p in self.loud):.2f}) were scaled down to peak 1.0, not clipped: "
@@ -572,6 +640,11 @@ class Encoding:
         if orphans:
             print(f"metadata rows that name no audio file (check spelling, folders and letter case): {len(orphans)}: "
                   f"{names(orphans)}")
+        if twice:
+            print(f"files listed twice in metadata with different labels (the last row's label is kept): {len(twice)}: "
+                  + names(f"{path} ({first!r}, then {kept!r})" for path, first, kept in twice))
+        if other:
+            print(f"not read, not audio by their names: {sum(other.values())} files: {kinds(other)}")
 
 
 def main(argv):
@@ -588,8 +661,8 @@ def main(argv):
     attrs = dict(format_version=FORMAT_VERSION, sample_rate=SAMPLE_RATE, frame_rate=common.FRAME_RATE, n_q=n_q,
                  bandwidth=float(cfg["bandwidth"]), codec=common.codec_name(cfg["codec"], cfg["codec_seed"]),
                  clip_seconds=int(cfg["clip_seconds"]), segment_steps=SEGMENT_STEPS, segment_stride_samples=SEGMENT_STRIDE)
-    files = find_audio(root, out_dir)
-    labels, orphans = load_labels(root, files)
+    files, other = find_audio(root, out_dir)
+    labels, orphans, twice = load_labels(root, files)
     todo, same = plan(files, root, out_dir, attrs, rank, world)
     if not todo:
         print("nothing to do: every file is already encoded")
@@ -604,11 +677,11 @@ def main(argv):
     n_check = min(cfg["check_codec"], len(todo)) if rank == 0 else 0
     to_check = {todo[i * len(todo) // n_check] for i in range(n_check)} if n_check else set()
     jobs = [(os.path.join(root, rel), rel, cfg["clip_seconds"], cfg["min_seconds"]) for rel in todo]
-    durations = [audio_seconds(job[0]) for job in jobs]
-    encoding = Encoding(cfg, codec, dev, writer, labels, root, out_dir, to_check, rank == 0, sum(durations))
+    seconds = durations([job[0] for job in jobs])
+    encoding = Encoding(cfg, codec, dev, writer, labels, root, out_dir, to_check, rank == 0, sum(seconds))
     common.stop_on_sigterm()
-    encoding.run(read_in_order(jobs, cfg["num_workers"]), durations)
-    encoding.summary(attrs, orphans)
+    encoding.run(read_in_order(jobs, cfg["num_workers"]), seconds)
+    encoding.summary(attrs, orphans, twice, other)
     if encoding.stats["clips"] == 0 and not same:
         print("error: nothing could be encoded (see the skipped files above)", file=sys.stderr)
         return 1

@@ -13,11 +13,11 @@ import glob
 import os
 import sys
 
+import common  # first: Ctrl-C while the libraries below load then ends in one line, not a traceback
 import h5py
 import numpy as np
 import torch
 
-import common
 import model as M
 from common import UserError
 
@@ -99,13 +99,13 @@ class Shards:
     h5py handles on first use (after the DataLoader forks), so nothing big is held in RAM."""
 
     def __init__(self, folder):
-        self.paths = sorted(glob.glob(os.path.join(folder, "*.h5")))
+        self.paths = sorted(glob.glob(os.path.join(glob.escape(folder), "*.h5")))
         if not os.path.isdir(folder) or not self.paths:
             audio = os.path.isdir(folder) and any(f.lower().endswith(common.AUDIO_EXTENSIONS) for f in os.listdir(folder))
             raise UserError(f"no .h5 shards in --data={folder!r}: run compress.py first, e.g. python compress.py "
                             + (f"--input={folder} --output=data/, then --data=data/" if audio else f"--input=music/ --output={folder}"))
         rows, lengths, texts, scales = [], [], [], []
-        self.attrs = None
+        self.attrs, self.shards = None, {}      # shards: {file name: [bytes, clips]}, what the data is
         for s, path in enumerate(self.paths):
             try:
                 with h5py.File(path, "r") as f:
@@ -120,6 +120,7 @@ class Shards:
                                         "train on shards made with one codec and bandwidth")
                     n = len(f["lengths"])
                     rows += [(s, i) for i in range(n)]
+                    self.shards[os.path.basename(path)] = [os.path.getsize(path), n]
                     lengths.append(f["lengths"][:])
                     texts += [t.decode() for t in f["text"][:]]
                     sc = f["scales"][:]
@@ -160,11 +161,53 @@ def split(n, val_fraction, seed):
 
 
 class Data(Shards):
-    """The shards with their train/validation split: what train.py's loop reads."""
+    """The shards with their train/validation split: what train.py's loop reads. A resumed run keeps its own
+    validation clips (the checkpoint names them), whatever shards were added since."""
 
-    def __init__(self, folder, val_fraction, seed):
+    def __init__(self, folder, val_fraction, seed, resumed=None):
         super().__init__(folder)
+        before = (resumed or {}).get("data", {})
+        if "validation" in before:
+            self.train_ids, self.val_ids = self.same_validation(before)
+            return
+        if resumed and before.get("clips") not in (None, len(self)):
+            print(f"NOTE: the checkpoint was trained on {before['clips']} clips and --data now holds {len(self)}; it "
+                  "predates the record of its validation clips, so the split is drawn again")
         self.train_ids, self.val_ids = split(len(self), val_fraction, seed)
+
+    def same_validation(self, before):
+        """(train, validation) clip ids for a resumed run: its validation clips again, every other clip for
+        training. A different codec, or a validation clip that is gone, stops with one line."""
+        for key in ("codec", "n_q"):
+            if before.get(key) != self.attrs[key]:
+                raise UserError(f"the run was trained on shards of {key}={before.get(key)}, --data holds {key}="
+                                f"{self.attrs[key]}: resume with its own data, or start a new run from its weights with "
+                                "--init_from=RUN_FOLDER --out=NEW_FOLDER")
+        gone = [name for name in before["shards"] if self.shards.get(name) != before["shards"][name]]
+        added = [name for name in self.shards if before["shards"].get(name) != self.shards[name]]
+        lost = [name for name in gone if before["validation"].get(name)]
+        if lost:
+            raise UserError(f"{', '.join(lost)} held validation clips of this run and {'is' if len(lost) == 1 else 'are'} "
+                            "gone or changed since its checkpoint: put back the shards as they were to resume, or start a new "
+                            "run from its weights with --init_from=RUN_FOLDER --out=NEW_FOLDER (a new validation set)")
+        index = {os.path.basename(p): s for s, p in enumerate(self.paths)}
+        wanted = {(index[name], i) for name, rows in before["validation"].items() for i in rows}
+        val = np.array([n for n, row in enumerate(self.rows) if row in wanted], dtype=np.int64)
+        train = np.setdiff1d(np.arange(len(self)), val)
+        if gone or added:
+            print(f"NOTE: the data changed since the checkpoint: {len(added)} new shard(s) with "
+                  f"{sum(self.shards[n][1] for n in added)} clips (for training), {len(gone)} shard(s) with "
+                  f"{sum(before['shards'][n][1] for n in gone)} training clips gone; the {len(val)} validation clips are "
+                  "the same, so the validation loss stays comparable")
+        return train, val
+
+    def validation(self):
+        """This run's validation clips by shard: {file name: [row in the shard]}, for its checkpoint."""
+        out = {}
+        for n in self.val_ids:
+            s, i = self.rows[n]
+            out.setdefault(os.path.basename(self.paths[s]), []).append(int(i))
+        return out
 
     def loader(self, start_step, c, rank, world, pin):
         """This rank's micro-batches from optimizer step `start_step` on: a pure function of (seed, step), so
@@ -177,10 +220,12 @@ class Data(Shards):
             generator=torch.Generator())   # its own generator: the model's random stream stays put
 
     def info(self, c):
-        """What a checkpoint keeps about the data: the codec, the typical loudness, the sample prompts."""
+        """What a checkpoint keeps about the data: the codec, the typical loudness, the sample prompts, and what
+        the data was (the shards' names, sizes and clip counts) with the validation clips in it."""
         texts = [t for t in dict.fromkeys(self.texts[i] for i in self.train_ids) if t][:3]
         return dict(self.attrs, typical_scale=self.typical_scale, codec_weights=c.codec_weights, clips=len(self),
-                    sample_prompts=c.sample_prompts.split("|") if c.sample_prompts else texts or [""])
+                    sample_prompts=c.sample_prompts.split("|") if c.sample_prompts else texts or [""],
+                    shards=self.shards, validation=self.validation())
 
 
 class Crops(torch.utils.data.Dataset):
@@ -251,6 +296,13 @@ def resume_command(argv, parent_cmdline=None):
     return shlex.join(launcher + [script] + args)
 
 
+def refuse_a_second_run(cfg):
+    """A new run never goes into a folder that holds one."""
+    if not cfg["resume"] and os.path.exists(os.path.join(cfg["out"], "ckpt.pt")):
+        raise UserError(f"{cfg['out']} already holds a run (ckpt.pt): add --resume to continue it, or choose another --out"
+                        + (" (--init_from starts a new run, in a folder of its own)" if cfg["init_from"] else ""))
+
+
 def resolve(cfg, given):
     """The run's settings and what it starts from: (config, checkpoint to resume or None, {weights, codec}
     to start from or None). Every mistake here stops before any work."""
@@ -259,10 +311,8 @@ def resolve(cfg, given):
     if cfg["resume"] and cfg["init_from"]:
         raise UserError("--resume continues this run from its own ckpt.pt; --init_from starts a new run from other weights: "
                         "use one of them")
+    refuse_a_second_run(cfg)
     ckpt_path = os.path.join(cfg["out"], "ckpt.pt")
-    if not cfg["resume"] and os.path.exists(ckpt_path):
-        raise UserError(f"{cfg['out']} already holds a run (ckpt.pt): add --resume to continue it, or choose another --out"
-                        + (" (--init_from starts a new run, in a folder of its own)" if cfg["init_from"] else ""))
     ckpt = init = None
     if cfg["resume"]:
         if not os.path.exists(ckpt_path):
@@ -299,9 +349,18 @@ def main(argv):
     cfg = common.parse_settings(common.settings(globals()), argv, given)
     cfg, ckpt, init = resolve(cfg, given)
     rank, local_rank, world = common.distributed_env()
-    if rank == 0:
-        common.check_writable(cfg["out"], "out")
+    if rank != 0:
+        return start(cfg, ckpt, init, argv)
+    common.check_writable(cfg["out"], "out")
+    with common.folder_lock(cfg["out"], "out"):     # one live run per folder
+        refuse_a_second_run(cfg)                   # again: a run may have ended in it while this one started
         common.remove_stale_temps(glob.escape(os.path.join(cfg["out"], "ckpt.pt")))   # left by checkpoint writes that were killed
+        return start(cfg, ckpt, init, argv)
+
+
+def start(cfg, ckpt, init, argv):
+    """This process's part of the run: the process group, the device, the data, then train.py's loop."""
+    rank, local_rank, world = common.distributed_env()
     if world > 1:
         import datetime
         backend = "nccl" if torch.cuda.is_available() and cfg["device"] != "cpu" else "gloo"
@@ -310,12 +369,10 @@ def main(argv):
     if dev == "cuda":
         dev = f"cuda:{local_rank}"
         torch.cuda.set_device(dev)
-    data = Data(cfg["data"], cfg["val_fraction"], cfg["seed"])
+    data = Data(cfg["data"], cfg["val_fraction"], cfg["seed"], resumed=ckpt)
     if init is not None and init["codec"] != data.attrs["codec"]:
         raise UserError(f"--init_from's model was trained on tokens of {init['codec']}, the shards in --data are "
                         f"{data.attrs['codec']}: encode the new music with the same codec")
-    if rank == 0:
-        os.makedirs(cfg["out"], exist_ok=True)
     cfg["world_size"] = world
     import train
     try:

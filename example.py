@@ -11,6 +11,7 @@ otherwise the untrained codec, and then the audio is noise, not music (it says s
 import os
 import sys
 
+import common  # first: Ctrl-C while the libraries below load then ends in one line, not a traceback
 import numpy as np
 
 SR = 48_000
@@ -90,7 +91,6 @@ def start_fresh(out, folders):
     """Each run starts from nothing, but only ever deletes what an earlier example.py made: the folders it
     creates, in a folder that carries its marker file."""
     import shutil
-    import common
     if os.path.exists(out) and not os.path.exists(os.path.join(out, MARKER)):
         if not os.path.isdir(out) or os.listdir(out):
             raise common.UserError(f"--out={out} already exists and was not made by example.py: choose another --out "
@@ -104,7 +104,6 @@ def start_fresh(out, folders):
 
 
 def main(argv):
-    import common
     import compress
     import deploy
     import generate

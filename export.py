@@ -18,7 +18,7 @@ from common import UserError
 # -----------------------------------------------------------------------------
 # settings: edit here, or override on the command line as --name=value
 ckpt = ""              # checkpoint written by deploy.py (RUN/ckpt.pt)
-out = ""               # folder to write (it must not exist yet, or hold an earlier export of this project)
+out = ""               # folder to write (new or empty, or holding an earlier export of this project, which is replaced)
 ema = True             # export the EMA weights (false: the raw weights of the last step)
 push_to_hub = ""       # a Hugging Face repository (user/name) to upload the folder to: needs internet and a login
 # -----------------------------------------------------------------------------
@@ -26,7 +26,8 @@ push_to_hub = ""       # a Hugging Face repository (user/name) to upload the fol
 
 def export(ckpt_path, out_dir, ema=True):
     model, info = M.load_model(ckpt_path, ema=ema)
-    config = dict(format=M.EXPORT_FORMAT, model=info["model"], text_encoder=info["text_encoder"], data=info["data"],
+    data = {k: v for k, v in info["data"].items() if k not in ("shards", "validation")}   # what generate.py needs
+    config = dict(format=M.EXPORT_FORMAT, model=info["model"], text_encoder=info["text_encoder"], data=data,
                   cond_dropout=info["cond_dropout"], step=info["step"], weights=info["weights"],
                   sample_rate=common.SAMPLE_RATE, frame_rate=common.FRAME_RATE)
     from safetensors.torch import save_file
@@ -37,6 +38,25 @@ def export(ckpt_path, out_dir, ema=True):
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp, metadata={"format": M.EXPORT_FORMAT})
         common.write_json(os.path.join(out_dir, "config.json"), config)
     return config
+
+
+def earlier_export(out_dir):
+    """Whether out_dir holds an earlier export of this project, which may be replaced: only config.json in
+    export.py's format and model.safetensors. A folder holding anything else is refused (a downloaded
+    model, someone's files); an empty or new one is fine."""
+    import json
+    held = set(os.listdir(out_dir)) if os.path.isdir(out_dir) else set()
+    if not held:
+        return False
+    try:
+        with open(os.path.join(out_dir, "config.json"), encoding="utf-8") as f:
+            ours = json.load(f).get("format") == M.EXPORT_FORMAT
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours or not held <= {"config.json", "model.safetensors"}:
+        raise UserError(f"--out={out_dir} already holds files that export.py did not write ({', '.join(sorted(held)[:4])}"
+                        f"{', ...' if len(held) > 4 else ''}): choose a new folder")
+    return True
 
 
 def upload(out_dir, repo):
@@ -58,10 +78,7 @@ def main(argv):
     if not c["out"]:
         raise UserError("--out is missing: give a folder to write the model into, e.g. --out=lofi-model")
     common.check_writable(c["out"], "out")
-    earlier = os.path.join(c["out"], "config.json")
-    if os.path.exists(c["out"]) and os.listdir(c["out"]) and not os.path.exists(earlier):
-        raise UserError(f"--out={c['out']} already holds other files: choose a new folder")
-    if os.path.exists(earlier):
+    if earlier_export(c["out"]):
         print(f"replacing the earlier export in {c['out']}")
     config = export(c["ckpt"], c["out"], c["ema"])
     print(f"exported the {config['weights']} weights of {c['ckpt']} (step {config['step']}) to {c['out']}: "

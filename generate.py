@@ -15,11 +15,10 @@ import os
 import sys
 import time
 
-import soundfile as sf
+import common  # first: Ctrl-C while the libraries below load then ends in one line, not a traceback
 import torch
 from tqdm import tqdm
 
-import common
 import model as M
 from common import UserError
 
@@ -67,10 +66,10 @@ def validate(c):
         if not os.path.isfile(c["continue_from"]):
             raise UserError(f"cannot read --continue_from={c['continue_from']!r}: no such file")
         try:
-            seconds = sf.info(c["continue_from"]).duration
-        except Exception as e:
+            seconds = common.audio_seconds(c["continue_from"])
+        except (ValueError, OSError) as e:
             raise UserError(f"cannot read --continue_from={c['continue_from']!r} as audio ({str(e).strip().splitlines()[0][:120]})") from None
-        if seconds < 1:
+        if seconds is not None and seconds < 1:
             raise UserError(f"--continue_from={c['continue_from']!r} holds {seconds:.2f} s of audio: give at least 1 s")
 
 
@@ -128,7 +127,7 @@ def main(argv):
     if c["continue_from"]:
         given, scale = prompt_codes(c, codec, model_cfg, steps, dev)
         codes[..., :given.shape[-1]] = given
-    names = [common.slug(p) + (f"_{i % c['num_samples']}" if c["num_samples"] > 1 else "") for i, p in enumerate(prompts)]
+    names = [name + (f"_{i}" if c["num_samples"] > 1 else "") for name in common.file_names(c["prompt"]) for i in range(c["num_samples"])]
     paths = [os.path.join(c["out"], f"{name}.{c['format']}") for name in names]
     os.makedirs(c["out"], exist_ok=True)
     stride = round(c["window_stride"] * common.FRAME_RATE)
@@ -147,25 +146,27 @@ def main(argv):
         writers = [common.AudioWriter(p, c["format"], c["bitrate"], c["overwrite"]) for p in paths]
         try:
             stream_pieces(model, text_encoder, prompts, codes, codec, scale, writers, c, stride, mode)
-            finals = [w.close() for w in writers]
+            for i, (p, writer) in enumerate(zip(prompts, writers)):
+                meta = dict(prompt=p, seed=c["seed"], batch_index=i, batch_prompts=prompts, seconds=c["seconds"], steps=steps,
+                            top_k=c["top_k"], top_p=c["top_p"], temperature=c["temperature"], cfg=c["cfg"],
+                            window_stride=c["window_stride"], gain_db=c["gain_db"], scale=scale,
+                            continue_from=c["continue_from"], format=c["format"], decode=mode, decode_dtype=str(dtype),
+                            ckpt=os.path.abspath(c["ckpt"]), ckpt_step=info["step"], weights=info["weights"],
+                            codec=data_info["codec"], sample_rate=common.SAMPLE_RATE, codes=codes[i].tolist())
+                path = writer.close(meta)      # finished with its .json, or not at all
+                if c["spectrogram"]:
+                    with common.disk_errors(path + ".png", f"{path} and its .json are finished"):
+                        common.write_spectrogram(path + ".png", common.load_audio(path))
+                print(f"wrote {path}")
         except BaseException as e:
             kept = [path for path in (w.abort() for w in writers) if path]
             where = f"the audio made so far is kept in {', '.join(kept)}" if kept else "no audio had been made yet, so no file was left"
+            finished = [w.finished for w in writers if w.finished]
+            where += f" (finished before it: {', '.join(finished)})" if finished else ""
             if isinstance(e, KeyboardInterrupt):         # Ctrl-C or SIGTERM: that line, no traceback
                 raise common.stopped(where) from None
             print(f"\nstopped: {where}", file=sys.stderr)
             raise
-        for i, (p, path) in enumerate(zip(prompts, finals)):
-            meta = dict(prompt=p, seed=c["seed"], batch_index=i, batch_prompts=prompts, seconds=c["seconds"], steps=steps,
-                        top_k=c["top_k"], top_p=c["top_p"], temperature=c["temperature"], cfg=c["cfg"],
-                        window_stride=c["window_stride"], gain_db=c["gain_db"], scale=scale,
-                        continue_from=c["continue_from"], format=c["format"], decode=mode, decode_dtype=str(dtype),
-                        ckpt=os.path.abspath(c["ckpt"]), ckpt_step=info["step"], weights=info["weights"], codec=data_info["codec"],
-                        sample_rate=common.SAMPLE_RATE, codes=codes[i].tolist())
-            common.write_json(path + ".json", meta)
-            if c["spectrogram"]:
-                common.write_spectrogram(path + ".png", common.load_audio(path))
-            print(f"wrote {path}")
     took = time.time() - t0
     print(f"{len(prompts)} × {c['seconds']:g} s in {took:.1f} s ({steps / took:.0f} steps/s, "
           f"{c['seconds'] / took:.2f}× real time)")

@@ -11,6 +11,7 @@ cross-attending to a label encoded by a frozen BERT-family model.
 - Reversible layers (y1 = x1 + f(x2), y2 = x2 + g(y1)) keep no activations; the backward pass rebuilds
   them with the same dropout masks and the same random features.
 """
+import math
 import os
 import sys
 from contextlib import contextmanager
@@ -51,10 +52,24 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d):
+        """The settings stored with a model (a checkpoint's model_config, an export's config.json "model"),
+        checked (validate); keys it does not know are ignored, missing ones take the defaults."""
+        if not isinstance(d, dict):
+            raise ValueError(f"the model settings are {type(d).__name__}, not a mapping of names to values")
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return cls(**{k: v for k, v in d.items() if k in names}).validate()
 
     def validate(self):
+        """Types and ranges first (a value from an edited file can be anything), then how they fit together."""
+        for f in fields(self):
+            value, kind = getattr(self, f.name), type(f.default)
+            ok = (isinstance(value, bool) if kind is bool else isinstance(value, (int, float)) and not isinstance(value, bool)
+                  and math.isfinite(value) if kind is float else isinstance(value, kind) and not isinstance(value, bool))
+            if not ok:
+                raise ValueError(f"{f.name}={value!r} is not {_KINDS[kind]}")
+        for name, (low, high) in RANGES.items():
+            if not low <= getattr(self, name) <= high:
+                raise ValueError(f"{name}={getattr(self, name)} is out of range: it must be in [{low}, {high}]")
         checks = [
             (self.kernel in ("generalized", "softmax"), f"kernel={self.kernel!r}: use generalized or softmax"),
             (self.attention in ("favor", "softmax"), f"attention={self.attention!r}: use favor or softmax"),
@@ -64,12 +79,30 @@ class ModelConfig:
             (0 <= self.local_heads <= self.heads, f"local_heads={self.local_heads} must be between 0 and heads={self.heads}"),
             (self.dim_head % 2 == 0, f"dim_head={self.dim_head} must be even (rotary embedding)"),
             (self.dim % 2 == 0, f"dim={self.dim} must be even"),
-            (self.local_window >= 1 and self.chunk_size >= 1 and self.depth >= 1, "local_window, chunk_size and depth must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
         return self
+
+    def num_params(self):
+        """The model's parameter count, from the settings alone (equal to MusicTransformer(cfg).num_params())."""
+        dim, inner, wide = self.dim, self.heads * self.dim_head, self.dim * self.ff_mult
+        linear = lambda a, b: a * b + b
+        branch = 1 if self.rezero else 2 * dim                              # a ReZero gate or a LayerNorm
+        layer = (linear(dim, 3 * inner) + linear(inner, dim)                  # self-attention
+                 + linear(dim, inner) + linear(dim, 2 * inner) + linear(inner, dim)   # cross-attention
+                 + 2 * (linear(dim, wide) + linear(wide, dim)) + 4 * branch)     # two feed-forwards, four branches
+        return (self.n_q * (self.vocab + 1) * dim + linear(self.text_dim, dim) + self.depth * layer
+                + 2 * dim + linear(dim, self.n_q * self.vocab))
+
+
+_KINDS = {bool: "true or false", int: "a whole number", float: "a number", str: "a text"}
+# what each numeric setting accepts (deploy.py checks its settings against these too)
+RANGES = dict(n_q=(1, 32), vocab=(2, 65536), dim=(2, 16384), depth=(1, 512), heads=(1, 256), dim_head=(2, 1024),
+              nb_features=(1, 16384), local_heads=(0, 256), local_window=(1, 1_000_000), max_len=(1, 100_000_000),
+              ff_mult=(1, 64), ff_chunks=(1, 1024), dropout=(0, 0.999999), text_dim=(1, 65536),
+              feature_redraw_interval=(0, 2**62), chunk_size=(1, 65536), seed=(0, 2**63 - 1))
 
 
 # -----------------------------------------------------------------------------
@@ -1125,12 +1158,16 @@ def save_checkpoint(path, state):
     """Write a checkpoint dict to a temporary file and rename it over `path`: a crash or a full disk
     never destroys the previous one."""
     import common
-    with common.disk_errors(path, f"the previous checkpoint {os.path.basename(path)} is intact"), \
+    intact = f"the previous checkpoint {os.path.basename(path)} is intact" if os.path.exists(path) else \
+        "no checkpoint had been written yet, so this run has none to resume from"
+    with common.disk_errors(path, intact), \
             common.atomic_path(path) as tmp, open(tmp, "wb") as f:
         torch.save(dict(state, format=CHECKPOINT_FORMAT), f)   # to a Python file: a full disk surfaces as an OSError
 
 
 def load_checkpoint(path, device="cpu"):
+    """A checkpoint written by deploy.py, read as plain tensors and Python values (weights_only), its
+    structure checked: anything else stops with one line."""
     from common import UserError
     if not os.path.exists(path):
         raise UserError(f"no checkpoint at {path}: check the path (train one with deploy.py)")
@@ -1141,46 +1178,87 @@ def load_checkpoint(path, device="cpu"):
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "model_config" not in ckpt:
         raise UserError(f"{path} is not a checkpoint written by this project's deploy.py (it is not a file of plain "
                         "tensors in its format): check the path")
+    kinds = dict(model=dict, config=dict, data=dict, model_config=dict, step=int)
+    wrong = [k for k, kind in kinds.items() if not isinstance(ckpt.get(k), kind)]
+    if wrong or not isinstance(ckpt["config"].get("text_encoder"), str):
+        raise UserError(f"{path} is a damaged checkpoint ({', '.join(wrong) or 'config.text_encoder'} missing or of the "
+                        "wrong kind): use another one")
+    _check_data_info(path, ckpt["data"])
     return ckpt
+
+
+def _check_data_info(path, data):
+    """What generate.py needs to know of the training data, checked before any work."""
+    from common import UserError
+    ok = (isinstance(data, dict) and isinstance(data.get("codec"), str) and isinstance(data.get("n_q"), int)
+          and isinstance(data.get("typical_scale"), (int, float)) and not isinstance(data.get("typical_scale"), bool))
+    if not ok:
+        raise UserError(f"{path}: its data settings (codec, n_q, typical_scale) are missing or of the wrong kind "
+                        f"({str(data)[:80]}): it was edited or damaged; export the model again")
+
+
+def _read_export(folder):
+    """(config.json as a dict, the weights) of a folder written by export.py, checked."""
+    import json
+    from safetensors.torch import load_file
+    from common import UserError
+    files = [os.path.join(folder, f) for f in ("config.json", "model.safetensors")]
+    if not all(os.path.exists(f) for f in files):
+        raise UserError(f"{folder} is a folder without ckpt.pt, config.json or model.safetensors: give a ckpt.pt, a "
+                        "run folder or a folder written by export.py")
+    try:
+        with open(files[0], encoding="utf-8") as f:
+            info = json.load(f)
+    except (ValueError, OSError) as e:
+        raise UserError(f"{files[0]} is not readable JSON ({type(e).__name__}: {str(e)[:120]})") from None
+    if not isinstance(info, dict) or info.get("format") != EXPORT_FORMAT:
+        raise UserError(f"{files[0]} is not a model exported by this project's export.py")
+    kinds = dict(model=dict, text_encoder=str, cond_dropout=(int, float), step=int)
+    wrong = [k for k, kind in kinds.items() if not isinstance(info.get(k), kind) or isinstance(info.get(k), bool)]
+    if wrong:
+        raise UserError(f"{files[0]}: {', '.join(wrong)} missing or of the wrong kind: it was edited or damaged; "
+                        "export the model again")
+    _check_data_info(files[0], info.get("data"))
+    try:
+        return info, load_file(files[1])
+    except Exception as e:
+        raise UserError(f"{files[1]} is unreadable ({type(e).__name__}: {str(e)[:120]})") from None
 
 
 def load_model(path, ema=True, device="cpu"):
     """A model to sample from or to start a run from, and what goes with it: `path` is a checkpoint
     (ckpt.pt: its EMA weights unless ema=False), a run folder holding one, or a folder written by export.py.
     Returns (model in eval mode, info) with info: text_encoder, data (codec, n_q, typical_scale, ...),
-    cond_dropout, step, weights."""
-    from common import UserError
+    cond_dropout, step, weights. The stored settings are checked before the model is built: wrong kinds,
+    values out of range, and a size that does not match the weights or the memory stop with one line."""
+    import common
     run_ckpt = os.path.join(path, "ckpt.pt")           # in deploy.py's run folder
     if os.path.isfile(run_ckpt) and not os.path.exists(os.path.join(path, "config.json")):
         path = run_ckpt
     if os.path.isdir(path):
-        files = [os.path.join(path, f) for f in ("config.json", "model.safetensors")]
-        if not all(os.path.exists(f) for f in files):
-            raise UserError(f"{path} is a folder without ckpt.pt, config.json or model.safetensors: give a ckpt.pt, a "
-                            "run folder or a folder written by export.py")
-        import json
-        from safetensors.torch import load_file
-        try:
-            with open(files[0]) as f:
-                info = json.load(f)
-            weights = load_file(files[1], device=device)
-        except Exception as e:
-            raise UserError(f"{path} holds an unreadable exported model ({type(e).__name__}: {str(e)[:120]})") from None
-        if info.get("format") != EXPORT_FORMAT:
-            raise UserError(f"{files[0]} is not a model exported by this project's export.py")
+        info, weights = _read_export(path)
         model_config = info["model"]
     else:
-        ckpt = load_checkpoint(path, device)
+        ckpt = load_checkpoint(path)
         use_ema = ema and ckpt.get("ema") is not None
         weights, model_config = ckpt["ema" if use_ema else "model"], ckpt["model_config"]
         info = dict(text_encoder=ckpt["config"]["text_encoder"], data=ckpt["data"], step=ckpt["step"],
                     cond_dropout=ckpt["config"].get("cond_dropout", 0.0), weights="ema" if use_ema else "raw")
-    model = MusicTransformer(ModelConfig.from_dict(model_config))
+    try:
+        cfg = ModelConfig.from_dict(model_config)
+    except (ValueError, TypeError) as e:
+        raise common.UserError(f"{path}: the model settings stored with it are not valid ({e}): was it edited?") from None
+    stored = sum(v.numel() for k, v in weights.items() if torch.is_tensor(v) and not k.endswith("projection"))
+    if stored != cfg.num_params():
+        raise common.UserError(f"{path}: the weights do not match the model settings stored with them ({stored:,} "
+                               f"parameters stored, {cfg.num_params():,} for dim={cfg.dim}, depth={cfg.depth}): was it edited?")
+    common.check_memory(4 * stored, "cpu", f"the model of {path}")
+    model = MusicTransformer(cfg)
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
         lines = str(e).splitlines()
-        raise UserError(f"{path}: the weights do not match the model settings stored with them "
-                        f"({lines[1].strip()[:160] if len(lines) > 1 else e})") from None
+        raise common.UserError(f"{path}: the weights do not match the model settings stored with them "
+                               f"({lines[1].strip()[:160] if len(lines) > 1 else e})") from None
     info["model"] = asdict(model.cfg)
     return model.to(device).eval(), info

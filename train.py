@@ -134,6 +134,17 @@ def baselines(data, c, vocab, max_clips=1000):
 # -----------------------------------------------------------------------------
 # watching a run: metrics.jsonl, loss.png, samples/, index.html
 
+@contextlib.contextmanager
+def side_output(what):
+    """A file beside the run (metrics, plot, page, samples) that cannot be written (a full disk, a lost
+    mount) is a warning, and training goes on; only a checkpoint that cannot be written stops it."""
+    try:
+        yield
+    except (OSError, UserError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e.code if isinstance(e, UserError) else e)
+        warnings.warn(f"could not write {what} ({reason.removeprefix('error: ')[:160]}); training goes on", stacklevel=3)
+
+
 class Monitor:
     """metrics.jsonl, loss.png, index.html, and optional TensorBoard / wandb. Only rank 0 makes one."""
 
@@ -164,7 +175,7 @@ class Monitor:
 
     def log(self, record):
         self.records.append(record)
-        with open(self.path, "a") as f:
+        with side_output(f"{self.path} at step {record['step']}"), open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
         if self.tb:
@@ -275,8 +286,8 @@ def write_samples(model, text_encoder, c, data_info, step, out_dir, device):
     os.makedirs(folder, exist_ok=True)
     with torch.no_grad():
         audio = common.decode_codes(codec, codes, data_info["typical_scale"]).cpu()
-    for prompt, wav in zip(prompts, audio):
-        path = os.path.join(folder, f"step{step:06d}_{common.slug(prompt)}.mp3")
+    for prompt, name, wav in zip(prompts, common.file_names(prompts), audio):
+        path = os.path.join(folder, f"step{step:06d}_{name}.mp3")
         common.write_audio(path, wav)
         common.write_spectrogram(path + ".png", wav)
         common.write_json(path + ".json", dict(prompt=prompt, step=step))
@@ -294,11 +305,16 @@ def rng_state(device):
 
 def build(c, n_q, text_dim, device):
     """The model and its optimizer (weight decay on matrices only; fused AdamW on CUDA)."""
-    cfg = M.ModelConfig(n_q=n_q, text_dim=text_dim, seed=c.seed, **{k: getattr(c, k) for k in M.MODEL_SETTINGS})
     try:
-        model = M.MusicTransformer(cfg.validate()).to(device)
+        cfg = M.ModelConfig(n_q=n_q, text_dim=text_dim, seed=c.seed, **{k: getattr(c, k) for k in M.MODEL_SETTINGS}).validate()
     except ValueError as e:
         raise UserError(str(e)) from None
+    # weights, gradients, AdamW's two moments and the EMA copy, before any activation
+    what = f"training a model of {cfg.num_params() / 1e6:.0f} M parameters (dim={c.dim}, depth={c.depth})"
+    common.check_memory(4 * cfg.num_params(), "cpu", what)
+    common.check_memory(4 * cfg.num_params() * (5 if c.ema_decay > 0 else 4), device, what)
+    try:
+        model = M.MusicTransformer(cfg).to(device)
     except (RuntimeError, MemoryError) as e:
         raise UserError(f"cannot build a model of dim={c.dim}, depth={c.depth} on {device} ({str(e).splitlines()[0][:120]}): "
                         "choose a smaller model") from None
@@ -410,10 +426,12 @@ def train(config, data, rank, world, device, ckpt=None, init=None, resume_hint="
                     best_val = validate(judge, data, c, text_encoder, device, autocast, monitor, step, best_val)
                 save(step, best_val, "evaluation")
                 if master:
-                    monitor.plot()
+                    with side_output(f"loss.png and index.html at step {step}"):
+                        monitor.plot()
             if master and c.sample_interval and (step % c.sample_interval == 0 or step == c.max_steps):
-                write_samples(judge, text_encoder, c, data_info, step, c.out, device)
-                write_page(c.out, monitor.records)
+                with side_output(f"the samples of step {step}"):
+                    write_samples(judge, text_encoder, c, data_info, step, c.out, device)
+                    write_page(c.out, monitor.records)
             if stop.requested():
                 break
         if step < c.max_steps:
@@ -421,7 +439,8 @@ def train(config, data, rank, world, device, ckpt=None, init=None, resume_hint="
             if master:
                 print(f"stopped at step {step}; continue with: {resume_hint}")
         elif master:
-            print(f"done: {step} steps, best validation loss {best_val:.4f}; checkpoint {save.path}")
+            print(f"done: {step} steps, " + (f"best validation loss {best_val:.4f}" if len(data.val_ids) else
+                  f"no validation set ({len(data)} clip(s): too few to hold any out)") + f"; checkpoint {save.path}")
         return raw_model
     finally:
         stop.restore()
@@ -498,6 +517,14 @@ def announce(c, data, model, world, device, step, best_val, fine_tune):
     print(f"effective batch = {c.batch_size} clips × {c.grad_accum} accumulation × {world} processes = "
           f"{c.batch_size * c.grad_accum * world} clips of {c.seq_len} steps per optimizer step; device {device}"
           + (f", autocast {c.dtype}" if device.startswith("cuda") else "") + (f"; EMA of the weights, decay {c.ema_decay}" if c.ema_decay else ""))
+    if not len(data.val_ids):
+        print(f"NOTE: no validation set ({len(data)} clip(s), val_fraction={c.val_fraction}): no validation loss, "
+              "conditioning gap or best checkpoint to judge the run by; give it more clips")
+    real = np.minimum(data.lengths[data.train_ids], c.seq_len).mean() / c.seq_len
+    if real < 0.5:
+        print(f"NOTE: the training clips are shorter than seq_len={c.seq_len} steps: on average {real:.0%} of a crop is "
+              f"audio, the rest padding (not scored, but computed): --seq_len={int(np.median(data.lengths))} (the clips' "
+              "median length) trains as much for less")
     if step:
         print(f"resuming from step {step} (best validation loss {best_val:.4f})")
 

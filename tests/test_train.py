@@ -348,8 +348,15 @@ def test_export_round_trips_without_pickle(tmp_path, tiny_ckpt, capsys):
         generate.main(["--ckpt", str(source), "--prompt=calm", "--seconds=1", "--format=wav", "--out", str(tmp_path / name)])
         codes[name] = json.loads((tmp_path / name / "calm.wav.json").read_text())["codes"]
     assert codes["ckpt"] == codes["export"]
-    with pytest.raises(SystemExit, match="already holds other files"):
+    with pytest.raises(SystemExit, match="files that export.py did not write"):
         export.main(["--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "ckpt")])
+    hf = tmp_path / "downloaded"          # a Hugging Face model folder: a config.json, but not ours
+    hf.mkdir()
+    (hf / "config.json").write_text('{"model_type": "bert"}')
+    (hf / "model.safetensors").write_bytes(b"their weights")
+    with pytest.raises(SystemExit, match="files that export.py did not write"):
+        export.main(["--ckpt", str(tiny_ckpt), "--out", str(hf)])
+    assert (hf / "model.safetensors").read_bytes() == b"their weights"
     assert export.main(["--ckpt", str(tiny_ckpt.parent), "--out", str(tmp_path / "shared")]) == 0      # a new export, said
     assert "replacing the earlier export in" in capsys.readouterr().out
 
