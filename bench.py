@@ -20,6 +20,7 @@ import torch
 
 
 # -----------------------------------------------------------------------------
+# settings: edit here, or override on the command line as --name=value
 device = "auto"             # auto (cuda when available), cpu, cuda
 parts = "train,memory,decode,long,long_ce,generate,encode"   # which measurements to run
 seq_lens = "1500,4500,9000" # training lengths to measure
@@ -35,6 +36,10 @@ encode_seconds = 10         # ... of this many seconds (whole codec segments) ea
 compress_clips = 240        # synthetic clips for compress.py end to end
 memory_seq_len = 4500       # seq_len of the memory-versus-depth table
 depths = "3,6,12"           # depths of the memory table
+learning_data = ""          # the learning benchmark (--parts=learning, not run by default): shards of real music (../shared/devcorpus)
+learning_steps = 1000       # optimizer steps each configuration trains for
+learning_model = "dim=256,depth=2,heads=4,dim_head=64,nb_features=64,seq_len=750,max_len=1500,batch_size=8,grad_accum=1,warmup_steps=100,lr=1e-3"
+learning_configs = "positions=relative|positions=absolute|positions=absolute,random_offsets=true"   # what each run changes, | between runs
 output = "BENCHMARKS.md"
 part = ""                   # internal: run one measurement and print it as JSON
 impl = "favor"              # internal: favor | softmax | performer
@@ -43,6 +48,7 @@ precision = "bfloat16"      # internal: autocast dtype of a training step on CUD
 depth = 6                   # internal
 reversible = True           # internal
 compiled = False            # internal: the training step with deploy.py's --compile (MusicTransformer.compile_for_training)
+learning_config = ""        # internal: one configuration of the learning benchmark
 # -----------------------------------------------------------------------------
 
 
@@ -460,7 +466,8 @@ def timed_piece(net, codec, batch, steps, mode, dev):
         settings = dict(seed=0, top_k=250, top_p=1.0, temperature=1.0, cfg=3.0, gain_db=0.0)
         sync(dev)
         t = time.time()
-        generate.stream_pieces(net, random_text, ["x"] * batch, codes, codec, 0.1, writers, settings, 2700, mode)
+        generate.stream_pieces(net, random_text, ["x"] * batch, codes, codec, 0.1, writers, settings, 2700, mode,
+                               common.decoded_samples(steps))
         for w in writers:
             w.close()
         sync(dev)
@@ -514,6 +521,79 @@ def machine(dev):
     if dev.startswith("cuda"):
         return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def learning_part(c, dev):
+    """One configuration of the learning benchmark: deploy.py trains a small model on real music for a fixed
+    number of steps (its final evaluation scores the validation loss, the conditioning gap, and 32 samples
+    of 10 s: FAD, KAD, adherence); then the cross-entropy of the validation clips within the training length
+    and beyond it (steps seq_len..2·seq_len of the full clips, one forward from the clip's start)."""
+    import tempfile
+    import deploy
+    import model as M
+    import train
+    overrides = [f"--{kv}" for kv in (c["learning_model"] + "," + c["learning_config"]).split(",") if kv]
+    with tempfile.TemporaryDirectory() as out:
+        t = time.time()
+        deploy.main(["--data", c["learning_data"], "--out", out, *overrides, f"--max_steps={c['learning_steps']}",
+                     f"--eval_interval={c['learning_steps']}", "--log_interval=50", "--sample_interval=0", "--val_fraction=0.1",
+                     "--eval_clips=64", "--quality_samples=32", "--quality_seconds=10", "--num_workers=1", f"--device={dev}"])
+        took = time.time() - t
+        records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+        model, info = M.load_model(out, device=dev)
+        ckpt = M.load_checkpoint(os.path.join(out, "ckpt.pt"))
+    c_run = ckpt["config"]
+    data = deploy.Data(c["learning_data"], c_run["val_fraction"], c_run["seed"], resumed=ckpt)
+    seq = c_run["seq_len"]
+    text_encoder = M.TextEncoder(info["text_encoder"], dev)
+    total = torch.zeros(2 * seq)
+    count = torch.zeros(2 * seq)
+    with torch.no_grad():
+        for i in data.val_ids[:64]:
+            codes = torch.from_numpy(data.read(int(i), 0, 2 * seq))[None]
+            tokens, targets, text, mask = train.batch_tensors(codes, [data.texts[int(i)]], text_encoder, model.cfg.pattern,
+                                                              model.cfg.vocab, dev)
+            logits = model(tokens, text, mask)
+            valid = targets >= 0
+            ce = torch.nn.functional.cross_entropy(logits.float().flatten(0, 2), targets.clamp_min(0).flatten(),
+                                                   reduction="none").view(targets.shape) * valid
+            total += ce.sum((0, 1))[:2 * seq].cpu()
+            count += valid.sum((0, 1))[:2 * seq].cpu()
+    last = {}
+    for r in records:
+        last.update({k: v for k, v in r.items() if v is not None})
+    return dict(last, within=float(total[:seq].sum() / count[:seq].sum()), beyond=float(total[seq:].sum() / count[seq:].sum()),
+                train_s=took, params=model.num_params())
+
+
+def learning_section(c, sub, rate):
+    if not c["learning_data"]:
+        raise common.UserError("--parts=learning needs --learning_data=SHARDS: build the development corpus "
+                               "(../shared/devcorpus/README.md) and compress it with --clip_seconds=10")
+    found = {config: sub(dict(part="learning", learning_config=config), 100 * c["cap_seconds"]) for config in c["learning_configs"].split("|")}
+    base = next((r for r in found.values() if "val_loss" in r), {})
+    rows = [["configuration", "validation loss (within / beyond the training length)", "conditioning gap", "FAD", "KAD (× 1000)",
+             "label adherence", "last training loss", "training time"]]
+    for config, r in found.items():
+        if "val_loss" not in r:
+            rows.append([config or "(defaults)", f"failed: {r.get('error', 'capped')}", "", "", "", "", "", ""])
+            continue
+        rows.append([config or "(defaults)", f"{r['val_loss']:.3f} ({r['within']:.3f} / {r['beyond']:.3f})",
+                     f"{r.get('conditioning_gap', float('nan')):+.3f}", f"{r['fad']:.2f}", f"{r['kad']:.2f}",
+                     "–" if r.get("adherence") is None else f"{r['adherence']:.2f}", f"{r['loss']:.3f}",
+                     f"{r['train_s'] / 60:.1f} min"])
+        print(rows[-1], flush=True)
+    refs = (f"Baselines on the same validation clips: unigram {base.get('baseline_unigram', float('nan')):.3f}, bigram "
+            f"{base.get('baseline_bigram', float('nan')):.3f}, bigram with codebook 0 {base.get('baseline_bigram0', float('nan')):.3f} "
+            f"nats. Samples against the validation clips, references: real training clips FAD {base.get('fad_real', float('nan')):.2f}, "
+            f"KAD {base.get('kad_real', float('nan')):.2f}; unigram noise FAD {base.get('fad_noise', float('nan')):.2f}, KAD "
+            f"{base.get('kad_noise', float('nan')):.2f}; label adherence of real validation clips "
+            f"{base.get('adherence_real') or float('nan'):.2f}, chance {base.get('adherence_chance') or float('nan'):.2f}.")
+    return ([f"### Learning real music: {c['learning_steps']} steps of a {base.get('params', 0) / 1e6:.1f} M-parameter model "
+             f"({c['learning_model']}) on {c['learning_data']}\n"] + table(rows) + ["", refs,
+            "Validation loss: the run's final evaluation (its first 64 validation clips from their start, seq_len steps); within / "
+            "beyond: the same clips scored in one pass over twice the training length, steps 0 to seq_len−1 and seq_len to "
+            "2·seq_len−1. Each configuration in a fresh process, one after the other.\n"])
 
 
 def table(rows):
@@ -646,13 +726,13 @@ def encode_section(c, sub, rate):
 
 
 SECTIONS = dict(train=train_section, memory=memory_section, decode=decode_section, long=long_section,
-                long_ce=long_ce_section, generate=generate_section, encode=encode_section)
+                long_ce=long_ce_section, generate=generate_section, encode=encode_section, learning=learning_section)
 PARTS = dict(train=train_step_part, decode=decode_part, long=long_part, long_ce=long_ce_part, generate=generate_part,
-             encode=encode_part)
+             encode=encode_part, learning=learning_part)
 
 
 def main(argv):
-    c = common.parse_settings(common.settings(globals()), argv)
+    c = common.parse_settings(globals(), argv)
     dev = common.pick_device(c["device"])
     if c["part"]:
         print(json.dumps(PARTS[c["part"]](c, dev)))
@@ -666,7 +746,8 @@ def main(argv):
     lines = [f"\n## {machine(dev)}\n", f"Command: `{('python bench.py ' + ' '.join(argv)).strip()}`. Measured here: matmul "
              f"{rate / 1e9:,.0f} GFLOP/s ({'bf16' if dev.startswith('cuda') else 'fp32'}); a large fp32 matrix-vector product "
              f"reads weights at {read / 1e9:.1f} GB/s. MFU = useful FLOPs (6·params·T + attention) / time / that matmul rate.\n"]
-    passed = ("decode_steps", "rounds", "modes", "generate_modes", "long_steps", "long_ce_steps", "encode_clips", "encode_seconds", "compress_clips")
+    passed = ("decode_steps", "rounds", "modes", "generate_modes", "long_steps", "long_ce_steps", "encode_clips", "encode_seconds",
+              "compress_clips", "learning_data", "learning_steps", "learning_model")
     sub = lambda args, limit=c["cap_seconds"]: run_part(dict(args, device=dev, **{k: c[k] for k in passed}), limit)
     for part in parts:
         lines += SECTIONS[part](c, sub, rate)

@@ -105,23 +105,53 @@ def _parse_value(name, text, default):
     return text
 
 
-def parse_settings(defaults, argv, given=None):
-    """Apply `--name=value` / `--name value` overrides to a copy of `defaults` (a dict from `settings`).
-    List settings (e.g. prompt) collect every occurrence; a bare `--flag` sets a boolean to true.
-    If `given` is a set, the names set on the command line are added to it."""
-    config = dict(defaults)
+# names that other training and generation scripts use for settings this project names otherwise
+OTHER_NAMES = dict(learning_rate="lr", epochs="max_steps", epoch="max_steps", steps="max_steps", max_iters="max_steps",
+                   num_steps="max_steps", iterations="max_steps", bs="batch_size", batch="batch_size",
+                   train_batch_size="batch_size", output_dir=("out", "output"), outdir=("out", "output"),
+                   output=("out", "output"), input_dir="input", data_dir="data", dataset="data", resume_from="resume",
+                   checkpoint="ckpt", model="ckpt", prompt_text="prompt", text="prompt", description="prompt",
+                   duration="seconds", length="seconds", secs="seconds", cfg_scale="cfg", guidance_scale="cfg",
+                   guidance="cfg", cfg_coef="cfg", topk="top_k", topp="top_p", temp="temperature", samples="num_samples",
+                   n_samples="num_samples", num_workers_per_gpu="num_workers", warmup="warmup_steps", wd="weight_decay",
+                   clip_grad="grad_clip", max_grad_norm="grad_clip", gradient_accumulation_steps="grad_accum")
+
+
+def suggestion(name, defaults):
+    """The setting an unknown name probably means: a near spelling, or the name other trainers give it."""
+    other = OTHER_NAMES.get(name.lower())
+    for candidate in (other,) if isinstance(other, str) else other or ():
+        if candidate in defaults:
+            return candidate
+    close = difflib.get_close_matches(name, defaults, n=1)
+    return close[0] if close else None
+
+
+def parse_settings(namespace, argv, given=None):
+    """The settings of a script (its module namespace: `settings` picks them) with `--name=value` /
+    `--name value` overrides applied. List settings (e.g. prompt) collect every occurrence; a bare `--flag`
+    sets a boolean to true. `--help` or `-h` prints the settings block and exits. If `given` is a set, the
+    names set on the command line are added to it."""
+    defaults = settings(namespace)
+    if "--help" in argv or "-h" in argv:
+        try:
+            print(script_help(namespace), flush=True)
+        except BrokenPipeError:            # `--help | head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(0)
+    config = {k: list(v) if isinstance(v, list) else v for k, v in defaults.items()}
     seen_lists = set()
     i = 0
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--") or arg == "--":
-            raise UserError(f"unexpected argument {arg!r}: settings are given as --name=value")
+            raise UserError(f"unexpected argument {arg!r}: settings are given as --name=value (--help lists them)")
         name, eq, value = arg[2:].partition("=")
         name = name.replace("-", "_")
         if name not in defaults:
-            close = difflib.get_close_matches(name, defaults, n=1)
-            hint = f" (did you mean --{close[0]}?)" if close else f"; known settings: {', '.join(sorted(defaults))}"
-            raise UserError(f"unknown setting --{name}{hint}")
+            close = suggestion(name, defaults)
+            hint = f" (did you mean --{close}?)" if close else ""
+            raise UserError(f"unknown setting --{name}{hint}; --help lists every setting with its default")
         default = defaults[name]
         if not eq:
             if isinstance(default, bool) and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
@@ -142,6 +172,37 @@ def parse_settings(defaults, argv, given=None):
             config[name] = _parse_value(name, value, default)
         i += 1
     return config
+
+
+def script_help(namespace):
+    """--help: the script's usage lines (the indented lines of its docstring) and its settings block, read
+    from the file itself (each setting with its default and comment, the block's group lines between),
+    so that it cannot drift from what the script does."""
+    import ast
+    path = namespace["__file__"]
+    source = open(path, encoding="utf-8").read()
+    lines = source.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("# settings"))
+    end = next(i for i in range(start + 1, len(lines)) if lines[i].startswith("# ---"))
+    values = {node.lineno - 1: node for node in ast.parse(source).body if isinstance(node, ast.Assign)
+              and start < node.lineno - 1 < end and isinstance(node.targets[0], ast.Name)}
+    script = os.path.basename(path)
+    doc = (namespace.get("__doc__") or "").strip("\n").splitlines()
+    out = [f"{script}: {doc[0].strip()}" if doc else script, ""]
+    usage = [line.rstrip() for line in doc if line.startswith("    ")]
+    if usage:
+        out += ["usage:", *usage, ""]
+    out.append(f"settings (--name=value, or edit them at the top of {script}; defaults shown):")
+    for i in range(start + 1, end):
+        line = lines[i]
+        if i in values:
+            node = values[i]
+            default = ast.get_source_segment(source, node.value)
+            comment = line[node.end_col_offset:].strip().lstrip("#").strip()
+            out.append((f"  --{node.targets[0].id}={default}".ljust(33) + f"  {comment}").rstrip())
+        elif line.strip().startswith("#"):
+            out.append(f"  {line.strip()}")
+    return "\n".join(out)
 
 
 def check_ranges(config, ranges):
@@ -918,6 +979,26 @@ def decode_codes(codec, codes, scales):
     parts = [stream.push(codes[..., i:i + SEGMENT_STEPS], scales[:, j] if torch.is_tensor(scales) else None)
              for j, i in enumerate(range(0, codes.shape[-1], SEGMENT_STEPS))]
     return torch.cat(parts + ([stream.finish()] if stream.tail is not None else []), -1)
+
+
+HOP = SAMPLE_RATE // FRAME_RATE   # samples per codec step (320)
+
+
+def decoded_samples(steps):
+    """Samples of audio that `steps` codec steps decode to: whole segments of 150 steps overlap (150 steps make
+    1 s, 300 make 1.99 s), and a last partial segment of k steps adds k · 320 samples."""
+    whole, rest = divmod(steps, SEGMENT_STEPS)
+    return whole * SEGMENT_STRIDE + rest * HOP if rest else clip_samples(whole)
+
+
+def steps_for(seconds):
+    """(steps, samples) for a piece of `seconds`: the fewest codec steps whose audio lasts at least that long,
+    and the samples that are exactly that long (the audio beyond them is cut)."""
+    samples = max(1, round(seconds * SAMPLE_RATE))
+    steps = -(-samples // HOP)                    # a lower bound: overlaps only shorten the audio
+    while decoded_samples(steps) < samples:
+        steps += 1
+    return steps, samples
 
 
 def clip_samples(segments):

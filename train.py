@@ -22,6 +22,7 @@ import torch
 
 import common
 import model as M
+import quality
 from common import UserError
 
 
@@ -99,36 +100,85 @@ def evaluate(model, data, c, text_encoder, device, autocast):
     return out
 
 
+def spread(ids, n):
+    """Up to n of ids, evenly spread over them."""
+    return [int(i) for i in ids[::max(1, len(ids) // n)][:n]]
+
+
 def baselines(data, c, vocab, max_clips=1000):
-    """What simple models score on the same validation clips: uniform; the unigram and the bigram of the
-    previous code in the same codebook, both fitted on up to max_clips training clips (the bigram
-    smoothed toward the unigram, so unseen pairs keep some probability)."""
-    ids = [int(i) for i in data.val_ids[:c.eval_clips]]
-    fit = [int(i) for i in data.train_ids[::max(1, len(data.train_ids) // max_clips)][:max_clips]]
-    if not ids or not fit:
-        return {}
-    n_q = data.n_q
-    unigram = np.ones((n_q, vocab))
-    bigram = np.zeros((n_q, (vocab + 1) * vocab))
-    for i in fit:
-        codes = data.read(i, 0, int(data.lengths[i]))
-        prev = np.concatenate([np.full((n_q, 1), vocab), codes[:, :-1]], 1)      # the start token before the first
-        for k in range(n_q):
-            unigram[k] += np.bincount(codes[k], minlength=vocab)
-            bigram[k] += np.bincount(prev[k] * vocab + codes[k], minlength=(vocab + 1) * vocab)
-    unigram /= unigram.sum(1, keepdims=True)
-    bigram = bigram.reshape(n_q, vocab + 1, vocab)
-    bigram = (bigram + 10 * unigram[:, None]) / (bigram.sum(2, keepdims=True) + 10)
-    nll = {"unigram": [], "bigram": []}
-    for i in ids:
-        codes = data.read(i, 0, c.seq_len)
-        prev = np.concatenate([np.full((n_q, 1), vocab), codes[:, :-1]], 1)
-        for k in range(n_q):
-            valid = codes[k] >= 0
-            nll["unigram"].append(-np.log(unigram[k, codes[k][valid]]))
-            nll["bigram"].append(-np.log(bigram[k, np.where(prev[k] < 0, vocab, prev[k])[valid], codes[k][valid]]))
-    return dict(baseline_uniform=round(math.log(vocab), 5), baseline_clips=len(fit),
-                **{f"baseline_{k}": round(float(np.concatenate(v).mean()), 5) for k, v in nll.items()})
+    """What lookup tables score on the validation clips the model is scored on (quality.baselines), fitted on
+    up to max_clips training clips."""
+    val = [data.read(i, 0, c.seq_len) for i in data.val_ids[:c.eval_clips]]
+    fit = [data.read(i, 0, int(data.lengths[i])) for i in spread(data.train_ids, max_clips)]
+    return quality.baselines(fit, val, vocab) if val and fit else {}
+
+
+def make_reference(data, c, data_info, vocab, device, max_clips=1000):
+    """The real side of the sample metrics (quality.Reference) for this run's data, and the fixed prompts
+    the samples are made for (the labels of the first quality_samples validation clips, in turn); (None,
+    None) where quality_samples=0 or there are no validation clips."""
+    if not c.quality_samples or not len(data.val_ids):
+        return None, None
+    steps = max(1, round(c.quality_seconds)) * common.SEGMENT_STEPS
+    clips = lambda ids: [data.read(i, 0, steps) for i in ids]
+    val, fit = [int(i) for i in data.val_ids[:c.quality_samples]], spread(data.train_ids, max_clips)
+    codec = common.codec_for(data_info, c.codec_weights, device)
+    reference = quality.Reference(codec, clips(spread(data.train_ids, c.quality_samples)), clips(val),
+                                  [data.texts[i] for i in val], quality.unigram_codes(clips(fit), c.quality_samples, steps, vocab),
+                                  clips(fit), [data.texts[i] for i in fit])
+    return reference, [data.texts[val[i % len(val)]] for i in range(c.quality_samples)]
+
+
+@torch.no_grad()
+def score_samples(model, text_encoder, reference, prompts, c, device, batch=16):
+    """FAD, KAD and label adherence of samples made for the fixed prompts, with fixed seeds (the same
+    noise at every evaluation, so the curves compare weights, not luck)."""
+    steps = max(1, round(c.quality_seconds)) * common.SEGMENT_STEPS
+    codes = [M.sample(model, text_encoder, prompts[i:i + batch], steps, device, seed=c.seed + i,
+                      cfg=3.0 if c.cond_dropout > 0 else 1.0).cpu() for i in range(0, len(prompts), batch)]
+    return reference.score([x.numpy() for x in torch.cat(codes)], prompts)
+
+
+def n(x):
+    """A measure for a console line: 3 significant digits, or – where it could not be measured."""
+    return "–" if x is None else f"{x:.3g}"
+
+
+class Evaluation:
+    """Rank 0's evaluation every eval_interval steps: the validation loss and the conditioning gap, then the
+    samples' FAD, KAD and label adherence against the references made once at the start."""
+
+    def __init__(self, data, c, data_info, text_encoder, vocab, device, autocast, monitor, new_run):
+        self.data, self.c, self.text_encoder, self.device, self.autocast, self.monitor = data, c, text_encoder, device, autocast, monitor
+        self.reference, self.prompts = make_reference(data, c, data_info, vocab, device)
+        if self.reference is not None and new_run:
+            r = self.reference.references
+            monitor.log(dict(step=0, **r))
+            print(f"samples will be compared with {len(self.prompts)} validation clips in the codec's latent "
+                  f"({c.quality_seconds:g} s each): real training clips score FAD {n(r['fad_real'])}, KAD {n(r['kad_real'])} "
+                  f"(the floor), unigram noise FAD {n(r['fad_noise'])}, KAD {n(r['kad_noise'])}; label adherence of the "
+                  + (f"real clips {n(r['adherence_real'])} (chance {n(r['adherence_chance'])})" if r["adherence_real"] is not None
+                     else "clips: not measurable (fewer than two labels with 3 training clips each)"))
+
+    def __call__(self, model, step, best_val):
+        found = evaluate(model, self.data, self.c, self.text_encoder, self.device, self.autocast)
+        if found is None:
+            return best_val
+        best_val = min(best_val, found["val_loss"])
+        gap = (f"labels exchanged {found['val_loss_shuffled']:.4f}, empty text {found['val_loss_empty']:.4f}: conditioning "
+               f"gap {found['conditioning_gap']:+.4f}" if "conditioning_gap" in found else
+               f"empty text {found['val_loss_empty']:.4f}; conditioning gap: not measurable, the validation clips all have "
+               "one label (raise val_fraction or eval_clips)")
+        print(f"step {step}: validation loss {found['val_loss']:.4f} (best {best_val:.4f}); {gap}")
+        if self.reference is not None:
+            found.update(score_samples(model, self.text_encoder, self.reference, self.prompts, self.c, self.device))
+            r = self.reference.references
+            print(f"step {step}: samples FAD {n(found['fad'])} (real {n(r['fad_real'])}, noise {n(r['fad_noise'])}), "
+                  f"KAD {n(found['kad'])} (real {n(r['kad_real'])}, noise {n(r['kad_noise'])}), label adherence "
+                  + (f"{n(found['adherence'])} (real {n(r['adherence_real'])}, chance {n(r['adherence_chance'])})"
+                     if found["adherence"] is not None else "not measurable"))
+        self.monitor.log(dict(step=step, **found))
+        return best_val
 
 
 # -----------------------------------------------------------------------------
@@ -150,7 +200,7 @@ class Monitor:
 
     def __init__(self, out_dir, config, resume_step):
         self.out_dir, self.path = out_dir, os.path.join(out_dir, "metrics.jsonl")
-        self.records = []
+        self.config, self.records = config, []
         if resume_step is not None and os.path.exists(self.path):
             with open(self.path, errors="replace") as f:   # drop what a crashed run logged after its last checkpoint
                 self.records = [r for r in map(_json_or_none, f) if r and r.get("step", resume_step + 1) <= resume_step]
@@ -188,38 +238,57 @@ class Monitor:
         return [(r["step"], r[key]) for r in self.records if key in r]
 
     def plot(self):
-        """loss.png: the losses against the baselines, and below them how much the model uses its text."""
+        """loss.png: the losses against the baselines; below them how much the model uses its text; then the
+        samples' KAD and label adherence against their references (where the run measures them)."""
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, height_ratios=(2, 1))
+        panels = 4 if self.series("kad") else 2
+        fig, axes = plt.subplots(panels, 1, figsize=(8, 3.5 * panels), sharex=True, height_ratios=(2, 1, 1, 1)[:panels])
+        top, bottom = axes[:2]
         for key, name, style in (("loss", "train", dict()), ("val_loss", "validation", dict(marker="o")),
                                  ("val_loss_shuffled", "validation, labels exchanged", dict(marker=".", alpha=0.6)),
                                  ("val_loss_empty", "validation, empty text", dict(marker=".", alpha=0.6))):
             if self.series(key):
                 top.plot(*zip(*self.series(key)), label=name, **style)
-        for key, color in (("baseline_unigram", "grey"), ("baseline_bigram", "black")):
+        for key, color in (("baseline_unigram", "grey"), ("baseline_bigram", "black"), ("baseline_bigram0", "purple")):
             if self.series(key):
                 top.axhline(self.series(key)[-1][1], color=color, linestyle="--", linewidth=1, label=key.replace("_", " "))
         top.set_ylabel("cross-entropy (nats)")
-        if top.get_lines():
-            top.legend(fontsize=8)
-        top.grid(alpha=0.3)
         own = dict(self.series("val_loss"))
         for key, name in (("conditioning_gap", "labels exchanged − own labels"), ("val_loss_empty", "empty text − own labels")):
             points = [(s, v - own[s]) for s, v in self.series(key)] if key == "val_loss_empty" else self.series(key)
             if points:
                 bottom.plot(*zip(*points), marker="o", label=name)
         bottom.axhline(0, color="black", linewidth=0.8)
-        bottom.set_xlabel("step")
         bottom.set_ylabel("conditioning gap (nats)")
-        if bottom.get_lines()[:-1]:
-            bottom.legend(fontsize=8)
-        bottom.grid(alpha=0.3)
+        for ax, key, refs, label in ((axes[2:3], "kad", ("kad_real", "kad_noise"), "samples' KAD (×1000, lower: closer)"),
+                                     (axes[3:4], "adherence", ("adherence_real", "adherence_chance"), "label adherence")):
+            for ax in ax:
+                if self.series(key):
+                    ax.plot(*zip(*[(s, v) for s, v in self.series(key) if v is not None] or [(0, 0)]), marker="o", label="samples")
+                for ref, color in zip(refs, ("green", "red")):
+                    if self.series(ref) and self.series(ref)[-1][1] is not None:
+                        ax.axhline(self.series(ref)[-1][1], color=color, linestyle="--", linewidth=1,
+                                   label=ref.split("_")[1].replace("real", "real clips").replace("noise", "unigram noise"))
+                ax.set_ylabel(label)
+        for ax in axes:
+            if ax.get_lines():
+                ax.legend(fontsize=8)
+            ax.grid(alpha=0.3)
+        axes[-1].set_xlabel("step")
         with common.atomic_path(os.path.join(self.out_dir, "loss.png")) as tmp:
             fig.savefig(tmp, format="png", dpi=90, bbox_inches="tight")
         plt.close(fig)
-        write_page(self.out_dir, self.records)
+        self.page()
+
+    def page(self, state="running"):
+        """index.html as the run is now: running (it reloads itself about as often as a log line comes),
+        finished, or stopped."""
+        with side_output(f"{os.path.join(self.out_dir, 'index.html')}"):
+            pace = [r["ms_per_step"] for r in self.records if "ms_per_step" in r][-1:] or [1000]
+            refresh = min(300, max(10, round(pace[0] / 1000 * self.config["log_interval"])))
+            write_page(self.out_dir, self.records, self.config["max_steps"], state, refresh)
 
 
 def _json_or_none(line):
@@ -231,18 +300,31 @@ def _json_or_none(line):
     return record if isinstance(record, dict) else None
 
 
-def write_page(out_dir, records):
-    """index.html: the run at a glance and every sample in samples/, newest first, each with its player and
-    spectrogram. Built from the files on disk, rewritten atomically; relative links, so it works opened
-    from disk or served with `python -m http.server`."""
+def clock(seconds):
+    """Seconds as h:mm:ss (or m:ss)."""
+    h, rest = divmod(int(seconds), 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+
+
+def write_page(out_dir, records, total=None, state="running", refresh=60):
+    """index.html: the run at a glance (where it is, how long it has run and has left, or that it finished or
+    stopped) and every sample in samples/, newest first, each with its player and spectrogram. Built from the
+    files on disk, rewritten atomically; relative links, so it works opened from disk or served with
+    `python -m http.server`. While the run goes on, the page reloads itself every `refresh` seconds, unless
+    a sample is playing."""
     last = {}
     for r in records:
         last.update(r)
-    facts = [f"step {last.get('step', 0)}"]
-    for key, name in (("val_loss", "validation loss"), ("conditioning_gap", "conditioning gap"),
-                      ("baseline_unigram", "unigram baseline"), ("baseline_bigram", "bigram baseline")):
-        if key in last:
-            facts.append(f"{name} {last[key]:.3f}")
+    step = last.get("step", 0)
+    elapsed = f" after {clock(last['elapsed_s'])}" if "elapsed_s" in last else ""
+    facts = {"running": [f"step {step}" + (f" of {total} ({step / total:.0%})" if total else "")]
+             + ([f"{clock(last['elapsed_s'])} elapsed"] if "elapsed_s" in last else [])
+             + ([f"about {clock(last['eta_s'])} left"] if last.get("eta_s") is not None and step < (total or 0) else []),
+             "finished": [f"finished: {step} steps{elapsed.replace('after', 'in')}"],
+             "stopped": [f"stopped at step {step}" + (f" of {total}" if total else "") + f"{elapsed}: continue it with --resume"]}[state]
+    numbers = [(name, last[key], ", ".join(f"{REFERENCE_NAMES[r]} {last[r]:.3f}" for r in refs
+                                           if isinstance(last.get(r), (int, float))))
+               for key, refs, name in MEASURES if isinstance(last.get(key), (int, float))]
     by_step = {}
     for path in sorted(glob.glob(os.path.join(glob.escape(out_dir), "samples", "step*.mp3"))):
         name = os.path.basename(path)
@@ -265,27 +347,59 @@ def write_page(out_dir, records):
 <html><head><meta charset="utf-8"><title>{title}: {facts[0]}</title>
 <style>body{{font-family:sans-serif;margin:1.5em;max-width:1400px}} .row{{display:flex;flex-wrap:wrap;gap:1em}}
 figure{{margin:0;width:420px}} figcaption{{font-weight:bold;margin-bottom:.3em}} audio,figure img{{width:100%}}</style></head>
-<body><h1>{title}</h1><p>{' · '.join(facts)} · updated {time.strftime('%Y-%m-%d %H:%M:%S')}</p>
-<img src="loss.png?step={last.get('step', 0)}" alt="loss curves" style="max-width:800px;width:100%">
-<h2>Samples</h2>{''.join(parts) or '<p>none yet</p>'}
+<body data-state="{state}"><h1>{title}</h1><p>{' · '.join(facts)} · updated {time.strftime('%Y-%m-%d %H:%M:%S')}</p>
+<table>{''.join(f"<tr><td>{html.escape(name)}</td><td><b>{value:.3f}</b></td><td>{html.escape(ref)}</td></tr>" for name, value, ref in numbers)}</table>
+<img src="loss.png?step={step}" alt="loss curves" style="max-width:800px;width:100%">
+<details><summary>How to read these numbers</summary><ul>{''.join(f"<li>{html.escape(line)}</li>" for line in READING)}</ul></details>
+<h2>Samples</h2>{''.join(parts) or ('<p>none yet</p>' if state == "running" else '<p>none (sample_interval=0)</p>')}
 <script>addEventListener("load", () => {{ document.body.dataset.broken =
-  [...document.images].filter(i => !i.complete || i.naturalWidth === 0).length; }});</script>
+  [...document.images].filter(i => !i.complete || i.naturalWidth === 0).length; }});
+{RELOAD.replace("SECONDS", str(refresh)) if state == "running" else ""}</script>
 </body></html>
 """
     with common.atomic_path(os.path.join(out_dir, "index.html")) as tmp, open(tmp, "w") as f:
         f.write(page)
 
 
+# what the run page shows of the last records: (key, the keys of its references, name)
+MEASURES = [("val_loss", ("baseline_unigram", "baseline_bigram", "baseline_bigram0"), "validation loss (nats)"),
+            ("conditioning_gap", (), "conditioning gap (nats)"), ("fad", ("fad_real", "fad_noise"), "samples' FAD"),
+            ("kad", ("kad_real", "kad_noise"), "samples' KAD (× 1000)"),
+            ("adherence", ("adherence_real", "adherence_chance"), "label adherence")]
+REFERENCE_NAMES = dict(baseline_unigram="unigram", baseline_bigram="bigram", baseline_bigram0="bigram with codebook 0",
+                       fad_real="real clips", kad_real="real clips", fad_noise="unigram noise", kad_noise="unigram noise",
+                       adherence_real="real clips", adherence_chance="chance")
+READING = [
+    "Validation loss: cross-entropy of the validation clips' codes, in nats (log 1024 = 6.93 is a uniform guess); lower is "
+    "better. The baselines are lookup tables fitted on the training clips: a model that does not go below the lowest has "
+    "learnt nothing a table could not.",
+    "Conditioning gap: the validation loss with each clip's label exchanged for another, minus with its own: how much the "
+    "model uses its text. About 0: it ignores the labels; it grows as it learns to follow them.",
+    "FAD and KAD: how far the samples (made at each evaluation for the validation clips' labels, with the same seeds every "
+    "time) are from the validation clips, in the codec's own latent (no download, no audio decoded): lower is better. Real "
+    "training clips score the floor a perfect model reaches at this sample count; codes drawn from the unigram score what no "
+    "music scores.",
+    "Label adherence: the share of samples that a nearest-centroid classifier (fitted on the training clips' latents) gives "
+    "their prompt's label; higher is better. Real validation clips' own share is what the space allows; chance is one over "
+    "the number of labels.",
+]
+
+
+# a running run's page reloads itself, from disk as well as served, but never while a sample plays
+RELOAD = """(function wait() { setTimeout(() => [...document.querySelectorAll("audio")].some(a => !a.paused) ? wait()
+  : location.reload(), SECONDS * 1000); })();"""
+
+
 def write_samples(model, text_encoder, c, data_info, step, out_dir, device):
     """A short piece per sample prompt from the model's own sampler: MP3, spectrogram and prompt in samples/."""
     prompts = data_info["sample_prompts"]
-    codes = M.sample(model, text_encoder, prompts, int(c.sample_seconds * common.FRAME_RATE), device, seed=step,
-                     cfg=3.0 if c.cond_dropout > 0 else 1.0)
+    steps, samples = common.steps_for(c.sample_seconds)
+    codes = M.sample(model, text_encoder, prompts, steps, device, seed=step, cfg=3.0 if c.cond_dropout > 0 else 1.0)
     codec = common.codec_for(data_info, c.codec_weights, device)
     folder = os.path.join(out_dir, "samples")
     os.makedirs(folder, exist_ok=True)
     with torch.no_grad():
-        audio = common.decode_codes(codec, codes, data_info["typical_scale"]).cpu()
+        audio = common.decode_codes(codec, codes, data_info["typical_scale"])[..., :samples].cpu()
     for prompt, name, wav in zip(prompts, common.file_names(prompts), audio):
         path = os.path.join(folder, f"step{step:06d}_{name}.mp3")
         common.write_audio(path, wav)
@@ -325,6 +439,15 @@ def build(c, n_q, text_dim, device):
     return model, optimizer
 
 
+def crop_start(c, step, micro):
+    """The position a training crop starts at: 0, or with random_offsets (absolute positions) a draw below
+    max_len - seq_len + 1, a function of (seed, step, micro-batch) so that a resumed run draws the same,
+    so that every position up to max_len is trained, not only the first seq_len."""
+    if not c.random_offsets or c.positions != "absolute" or c.max_len <= c.seq_len:
+        return 0
+    return int(np.random.default_rng([c.seed, step, micro, 7]).integers(0, c.max_len - c.seq_len + 1))
+
+
 def optimizer_step(model, raw_model, optimizer, batches, c, step, text_encoder, n_q, device, autocast, world):
     """One optimizer step over grad_accum micro-batches (gradients synchronised once). Returns the mean
     loss per codebook (n_q,), the gradient norm, the number of scored codes and whether the step was
@@ -338,7 +461,7 @@ def optimizer_step(model, raw_model, optimizer, batches, c, step, text_encoder, 
         sync = contextlib.nullcontext() if world == 1 or micro == c.grad_accum - 1 else model.no_sync()
         try:
             with sync, autocast:
-                loss, per_codebook = M.codebook_loss(model(tokens, text, mask), targets)
+                loss, per_codebook = M.codebook_loss(model(tokens, text, mask, start=crop_start(c, step, micro)), targets)
                 (loss / c.grad_accum).backward()
         except torch.cuda.OutOfMemoryError:
             raise UserError(f"out of GPU memory with batch_size={c.batch_size} × seq_len={c.seq_len}: lower "
@@ -395,7 +518,9 @@ def train(config, data, rank, world, device, ckpt=None, init=None, resume_hint="
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if cuda else None)
     data_info = data.info(c)
     monitor = start_watching(c, config, data, data_info, raw_model, world, device, step, best_val, ckpt) if master else None
-    save = Checkpointer(c, config, data_info, raw_model, ema, optimizer, world, device, master)
+    evaluation = Evaluation(data, c, data_info, text_encoder, raw_model.cfg.vocab, device, autocast, monitor, not ckpt) if master else None
+    progress = Progress(step, c.max_steps, (ckpt or {}).get("elapsed_s", 0))
+    save = Checkpointer(c, config, data_info, raw_model, ema, optimizer, world, device, master, progress)
 
     batches = iter(data.loader(step, c, rank, world, cuda))
     stop, t_last, tokens_seen, bad_steps = StopSignal(world), time.time(), 0, 0
@@ -419,11 +544,12 @@ def train(config, data, rank, world, device, ckpt=None, init=None, resume_hint="
                 ema.update(raw_model, step)
             tokens_seen += n_tokens
             if master and (step % c.log_interval == 0 or step == c.max_steps):
-                log_progress(monitor, step, c, losses, grad_norm, optimizer, tokens_seen * world, time.time() - t_last, device)
+                log_progress(monitor, step, c, losses, grad_norm, optimizer, tokens_seen * world, time.time() - t_last, device,
+                             progress)
                 t_last, tokens_seen = time.time(), 0
             if step % c.eval_interval == 0 or step == c.max_steps:
                 if master:
-                    best_val = validate(judge, data, c, text_encoder, device, autocast, monitor, step, best_val)
+                    best_val = evaluation(judge, step, best_val)
                 save(step, best_val, "evaluation")
                 if master:
                     with side_output(f"loss.png and index.html at step {step}"):
@@ -431,14 +557,16 @@ def train(config, data, rank, world, device, ckpt=None, init=None, resume_hint="
             if master and c.sample_interval and (step % c.sample_interval == 0 or step == c.max_steps):
                 with side_output(f"the samples of step {step}"):
                     write_samples(judge, text_encoder, c, data_info, step, c.out, device)
-                    write_page(c.out, monitor.records)
+                monitor.page()
             if stop.requested():
                 break
         if step < c.max_steps:
             save(step, best_val, "stopped by signal")
             if master:
+                monitor.page("stopped")
                 print(f"stopped at step {step}; continue with: {resume_hint}")
         elif master:
+            monitor.page("finished")
             print(f"done: {step} steps, " + (f"best validation loss {best_val:.4f}" if len(data.val_ids) else
                   f"no validation set ({len(data)} clip(s): too few to hold any out)") + f"; checkpoint {save.path}")
         return raw_model
@@ -467,13 +595,26 @@ def restore(ckpt, init, model, ema, optimizer, rank, device):
     return ckpt["step"], ckpt["best_val_loss"]
 
 
+class Progress:
+    """Where the run is: the time it has run (over all its processes: a resumed run carries the count on) and
+    the time it has left at the pace of this process so far (evaluations and samples included)."""
+
+    def __init__(self, step, total, elapsed_before):
+        self.first, self.total, self.before, self.t0 = step, total, elapsed_before, time.time()
+
+    def __call__(self, step):
+        took = time.time() - self.t0
+        left = (self.total - step) * took / (step - self.first) if step > self.first else None
+        return dict(elapsed_s=round(self.before + took), eta_s=None if left is None else round(left))
+
+
 class Checkpointer:
     """save(step, best_val, why): every rank calls it at the same step (their random states are gathered);
     rank 0 writes ckpt.pt through model.save_checkpoint."""
 
-    def __init__(self, c, config, data_info, model, ema, optimizer, world, device, master):
+    def __init__(self, c, config, data_info, model, ema, optimizer, world, device, master, progress):
         self.c, self.config, self.data_info, self.model, self.ema, self.optimizer = c, config, data_info, model, ema, optimizer
-        self.world, self.device, self.master = world, device, master
+        self.world, self.device, self.master, self.progress = world, device, master, progress
         self.path = os.path.join(c.out, "ckpt.pt")
 
     def __call__(self, step, best_val, why):
@@ -487,7 +628,7 @@ class Checkpointer:
         M.save_checkpoint(self.path, dict(
             step=step, best_val_loss=best_val, config=self.config, data=self.data_info, model_config=asdict(self.model.cfg),
             model=self.model.state_dict(), ema=self.ema.model.state_dict() if self.ema else None,
-            optimizer=self.optimizer.state_dict(), rng=states,
+            optimizer=self.optimizer.state_dict(), rng=states, elapsed_s=self.progress(step)["elapsed_s"],
             data_position=dict(next_step=step, samples_per_step=c.batch_size * c.grad_accum * self.world)))
         print(f"saved {self.path} at step {step} ({why})")
 
@@ -495,7 +636,7 @@ class Checkpointer:
 def start_watching(c, config, data, data_info, model, world, device, step, best_val, ckpt):
     """Rank 0's start: what is about to happen, a codec that will be there for the samples, the baselines."""
     announce(c, data, model, world, device, step, best_val, c.init_from and not ckpt)
-    if c.sample_interval:
+    if c.sample_interval or c.quality_samples:
         common.codec_for(data_info, c.codec_weights, "cpu")   # fail now, not hours in, if the codec is missing
     monitor = Monitor(c.out, config, step if ckpt else None)
     if not ckpt:
@@ -503,8 +644,9 @@ def start_watching(c, config, data, data_info, model, world, device, step, best_
         if found:
             monitor.log(dict(step=0, **found))
             print(f"baselines on the validation clips: uniform {found['baseline_uniform']:.3f}, unigram "
-                  f"{found['baseline_unigram']:.3f}, bigram {found['baseline_bigram']:.3f} nats (fitted on "
-                  f"{found['baseline_clips']} training clips): the validation loss should go below the bigram's")
+                  f"{found['baseline_unigram']:.3f}, bigram {found['baseline_bigram']:.3f}, bigram with codebook 0 "
+                  f"{found['baseline_bigram0']:.3f} nats ({found['baseline_fit']}): a model that learns more than a lookup "
+                  "table goes below the lowest of them")
     return monitor
 
 
@@ -537,31 +679,20 @@ def check_divergence(bad_steps, step, c, ckpt_path, master):
                         f"checkpoint is {ckpt_path}; resume with a lower --lr (now {c.lr}) or --grad_clip, or check the data")
 
 
-def log_progress(monitor, step, c, losses, grad_norm, optimizer, tokens, seconds, device):
+def log_progress(monitor, step, c, losses, grad_norm, optimizer, tokens, seconds, device, progress):
     steps_done = c.log_interval if step % c.log_interval == 0 else step % c.log_interval
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.startswith("cuda") else _rss_gib()
     record = dict(step=step, loss=round(losses.mean().item(), 5), loss_per_codebook=[round(x, 5) for x in losses.tolist()],
                   lr=optimizer.param_groups[0]["lr"], grad_norm=round(grad_norm.item(), 4),
                   tokens_per_s=round(tokens / seconds, 1), ms_per_step=round(1000 * seconds / steps_done, 1),
-                  peak_mem_gib=round(peak, 3))
+                  peak_mem_gib=round(peak, 3), total_steps=c.max_steps, **progress(step))
     monitor.log(record)
-    print(f"step {step}: loss {record['loss']:.4f} ({' '.join(f'{x:.3f}' for x in record['loss_per_codebook'])}) "
-          f"lr {record['lr']:.2e} |g| {record['grad_norm']:.3f} {record['tokens_per_s']:.0f} tok/s "
-          f"{record['ms_per_step']:.0f} ms/step {peak:.2f} GiB", flush=True)
-
-
-def validate(model, data, c, text_encoder, device, autocast, monitor, step, best_val):
-    found = evaluate(model, data, c, text_encoder, device, autocast)
-    if found is None:
-        return best_val
-    best_val = min(best_val, found["val_loss"])
-    monitor.log(dict(step=step, **found))
-    gap = (f"labels exchanged {found['val_loss_shuffled']:.4f}, empty text {found['val_loss_empty']:.4f}: conditioning gap "
-           f"{found['conditioning_gap']:+.4f}" if "conditioning_gap" in found else
-           f"empty text {found['val_loss_empty']:.4f}; conditioning gap: not measurable, the validation clips all have one "
-           "label (raise val_fraction or eval_clips)")
-    print(f"step {step}: validation loss {found['val_loss']:.4f} (best {best_val:.4f}); {gap}")
-    return best_val
+    left = f", {clock(record['eta_s'])} left" if record["eta_s"] is not None and step < c.max_steps else ""
+    print(f"step {step}/{c.max_steps} ({step / c.max_steps:.0%}): loss {record['loss']:.4f} "
+          f"({' '.join(f'{x:.3f}' for x in record['loss_per_codebook'])}) lr {record['lr']:.2e} |g| {record['grad_norm']:.3f} "
+          f"{record['tokens_per_s']:.0f} tok/s {record['ms_per_step']:.0f} ms/step {peak:.2f} GiB · "
+          f"{clock(record['elapsed_s'])} elapsed{left}", flush=True)
+    monitor.page()
 
 
 def _rss_gib():

@@ -48,7 +48,7 @@ def write_shards(folder, clips=8, steps=300, codec="untrained:seed=0", rank=0, s
 
 TINY_TRAIN = ["--dim=32", "--depth=1", "--heads=2", "--dim_head=16", "--nb_features=16", "--local_window=16",
               "--seq_len=64", "--max_len=600", "--batch_size=4", "--grad_accum=1", "--num_workers=0",
-              "--warmup_steps=2", "--lr=3e-3", "--sample_interval=0", "--log_interval=1", "--device=cpu"]
+              "--warmup_steps=2", "--lr=3e-3", "--sample_interval=0", "--log_interval=1", "--device=cpu", "--quality_samples=0"]
 
 
 @pytest.fixture

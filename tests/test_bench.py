@@ -5,7 +5,7 @@ import common
 
 
 def test_generate_and_encode_sections_report_their_measurements():
-    c = common.parse_settings(common.settings(vars(bench)), [
+    c = common.parse_settings(vars(bench), [
         "--decode_steps=20", "--rounds=1", "--encode_clips=1", "--encode_seconds=2", "--compress_clips=2", "--device=cpu"])
     calls = []
 

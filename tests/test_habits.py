@@ -54,6 +54,7 @@ def test_every_format_ffmpeg_reads_is_encoded_and_the_rest_is_listed(tmp_path, c
     assert compress.main(["--input", str(folder), "--output", str(tmp_path / "data"), *FAST]) == 0
     out = capsys.readouterr().out
     assert f"{len(FORMATS)} files → {len(FORMATS)} clips" in out and "skipped files: 0" in out
+    assert "dropped: 0 remainders" in out          # 2.5 s in a clip of 2 segments: a tail under a segment is no loss
     assert "not read, not audio by their names: 1 files: .jpg 1" in out
     assert "listed twice in metadata with different labels" in out and "song.m4a ('first', then 'second')" in out
 
@@ -93,6 +94,7 @@ def test_generate_names_pieces_in_their_own_script(tiny_ckpt, tmp_path):
     generate.main(["--ckpt", str(tiny_ckpt), "--prompt=平静的钢琴", "--prompt=激烈的鼓", "--seconds=0.5", "--format=wav",
                    "--out", str(out)])
     assert sorted(os.listdir(out)) == ["平静的钢琴.wav", "平静的钢琴.wav.json", "激烈的鼓.wav", "激烈的鼓.wav.json"]
+    assert sf.info(str(out / "激烈的鼓.wav")).frames == 24_000                 # exactly the length asked
 
 
 # -----------------------------------------------------------------------------

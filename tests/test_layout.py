@@ -27,9 +27,10 @@ def test_the_scripts_import_no_circle():
     circles = [name for name in graph if reaches(name, name)]
     assert circles == [], f"import circles through {circles}: {graph}"
     # the layering README states: common ← model ← the scripts; deploy starts train; generate needs no other script
-    assert graph["common"] == set()
+    assert graph["common"] == set() and graph["quality"] == set()
     assert graph["model"] == {"common"}
-    assert graph["train"] == {"common", "model"}
+    assert graph["train"] == {"common", "model", "quality"}
+    assert graph["evaluate"] == {"common", "model", "deploy", "train"}
     assert graph["generate"] <= {"common", "model"} and graph["export"] <= {"common", "model"}
     assert graph["deploy"] == {"common", "model", "train"} and graph["compress"] == {"common"}
 

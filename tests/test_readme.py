@@ -70,4 +70,8 @@ def test_every_readme_command_runs(tmp_path):
     assert {"chill_lofi_relaxed.mp3", "upbeat_drums.mp3", "jazz_piano.mp3", "ambient_drone_slow.mp3"} <= set(os.listdir(tmp_path / "samples"))
     assert (tmp_path / "data" / "codec_check" / "summary.json").exists()
     assert len([f for f in os.listdir(tmp_path / "example_small" / "samples") if f.endswith(".mp3")]) == 12
+    page = (tmp_path / "example_small" / "run" / "index.html").read_text()     # the demo's page has something to hear
+    heard = re.findall(r'<audio [^>]*src="([^"]+)"', page)
+    assert len(heard) == 3 and all((tmp_path / "example_small" / "run" / src).exists() for src in heard)
+    assert 'data-state="finished"' in page
     assert "A decode step of the default model" in (tmp_path / "BENCHMARKS.md").read_text()

@@ -89,7 +89,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
            "--max_steps=100000", "--eval_interval=100000"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:                         # wait until it is training
-        if line.startswith("step 3:"):
+        if line.startswith("step 3/"):
             break
     proc.send_signal(signal.SIGTERM)
     rest = proc.communicate(timeout=60)[0]
@@ -296,7 +296,7 @@ def test_init_from_starts_a_new_run_from_the_weights(tmp_path):
     new_data = write_shards(tmp_path / "new_data", clips=6, seed=2)
     args = ["--data", str(new_data), "--out", str(tmp_path / "tuned"), "--init_from", str(tmp_path / "source" / "ckpt.pt"),
             "--max_steps=2", "--eval_interval=2", "--dropout=0", "--num_workers=0", "--batch_size=4", "--grad_accum=1",
-            "--seq_len=64", "--log_interval=1", "--device=cpu", "--sample_interval=0", "--lr=1e-3"]
+            "--seq_len=64", "--log_interval=1", "--device=cpu", "--sample_interval=0", "--lr=1e-3", "--quality_samples=0"]
     deploy.main(args)
     tuned = torch.load(tmp_path / "tuned" / "ckpt.pt", weights_only=True)
     source = torch.load(tmp_path / "source" / "ckpt.pt", weights_only=True)
@@ -396,13 +396,14 @@ def test_the_page_in_a_real_browser(tmp_path):
             C.write_json(path + ".json", dict(prompt=prompt, step=step))
     records = [dict(step=10, loss=3.0), dict(step=20, loss=2.5, val_loss=2.6, conditioning_gap=0.3)]
     monitor = train.Monitor.__new__(train.Monitor)
-    monitor.out_dir, monitor.records = str(tmp_path), records
+    monitor.out_dir, monitor.records, monitor.config = str(tmp_path), records, dict(log_interval=10, max_steps=20)
     monitor.plot()
+    monitor.page("finished")
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
              "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000"]
     url = (tmp_path / "index.html").as_uri()
     dom = subprocess.run([browser, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
-    assert 'data-broken="0"' in dom and dom.count("<audio") == 4
+    assert 'data-broken="0"' in dom and dom.count("<audio") == 4 and "finished: 20 steps" in dom
     subprocess.run([browser, *flags, "--window-size=1300,1400", f"--screenshot={tmp_path / 'page.png'}", url],
                    capture_output=True, timeout=120)
     assert (tmp_path / "page.png").stat().st_size > 10_000
