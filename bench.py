@@ -18,6 +18,9 @@ import time
 import common  # first: Ctrl-C while the libraries below load then ends in one line, not a traceback
 import torch
 
+import checkpoint
+import decoding
+
 
 # -----------------------------------------------------------------------------
 # settings: edit here, or override on the command line as --name=value
@@ -47,7 +50,7 @@ seq_len = 4500              # internal
 precision = "bfloat16"      # internal: autocast dtype of a training step on CUDA (float32: none)
 depth = 6                   # internal
 reversible = True           # internal
-compiled = False            # internal: the training step with deploy.py's --compile (MusicTransformer.compile_for_training)
+compiled = False            # internal: the training step with deploy.py's --compile (train.compile_for_training)
 learning_config = ""        # internal: one configuration of the learning benchmark
 # -----------------------------------------------------------------------------
 
@@ -143,7 +146,8 @@ def train_step_part(c, dev):
         net = our_model(dict(attention=c["impl"], depth=c["depth"], reversible=c["reversible"], max_len=t), dev)
         text = torch.randn(1, 16, 384, device=dev)
     mask = torch.ones(1, 16, dtype=torch.bool, device=dev)
-    run = net.compile_for_training() if c["compiled"] else net
+    import train
+    run = train.compile_for_training(net) if c["compiled"] else net
     n_params = sum(p.numel() for p in net.parameters())
     codes = torch.randint(0, 1024, (1, 4, t), device=dev)
     tokens = M.inputs_from_targets(codes, 1024)
@@ -235,7 +239,7 @@ def random_text(texts, device):
 
 def decoding_copy(net, dtype, dev):
     import copy
-    return copy.deepcopy(net).for_decoding(dev, dtype)
+    return decoding.for_decoding(copy.deepcopy(net), dev, dtype)
 
 
 def decode_part(c, dev):
@@ -256,7 +260,7 @@ def decode_part(c, dev):
     for name, refeed in (("recurrent_150_s", False), ("refeed_150_s", True)):
         sync(dev)
         t = time.time()
-        M.sample(fp32, random_text, ["x"], short, dev, cfg=1.0, refeed=refeed)
+        decoding.sample(fp32, random_text, ["x"], short, dev, cfg=1.0, refeed=refeed)
         sync(dev)
         out[name] = time.time() - t
     costs, lengths = [], [1, c["decode_steps"] // 2, c["decode_steps"]]
@@ -295,7 +299,7 @@ def step_times(base, c, dev):
         net = decoding_copy(base, dtype, dev)
         for mode in modes:
             for b in (1, 2):
-                decoder = M.Decoder(net, b, dev, mode, top_k=250, cfg=3.0 if b == 2 else 1.0)
+                decoder = decoding.Decoder(net, b, dev, mode, top_k=250, cfg=3.0 if b == 2 else 1.0)
                 tokens = torch.randint(0, 1024, (b, 4, 8), device=dev)
                 decoder.prefill(tokens, *random_text(["x"] * b, dev))
                 calls = {b: lambda d=decoder, x=tokens[..., 0]: d.step(x)}
@@ -339,8 +343,8 @@ def long_part(c, dev):
     mode = "graph" if dev.startswith("cuda") else "eager"
     out = {}
     for positions in ("relative", "absolute"):
-        net = our_model(dict(dropout=0.0, positions=positions), dev).eval()
-        decoder = M.Decoder(net, 2, dev, mode)
+        net = decoding_copy(our_model(dict(dropout=0.0, positions=positions), "cpu").eval(), torch.float32, dev)
+        decoder = decoding.Decoder(net, 2, dev, mode)
         text = random_text(["x", ""], dev)
         tokens = torch.randint(0, 1024, (2, 4, 1800), device=dev)       # the context a window re-prefills (12 s)
         sync(dev)
@@ -439,7 +443,7 @@ def generate_part(c, dev):
     codec = common.load_codec("untrained", "", 0, 6.0, dev)
     result = {}
     for requested in c["generate_modes"].split(","):
-        mode = M.decode_mode(requested, dev, c["decode_steps"])
+        mode = decoding.decode_mode(requested, dev, c["decode_steps"])
         for batch in (1, 4):
             for piece in (1, 2) if mode == "compile" else (1,):
                 result[f"{requested}/{piece}/batch{batch}"] = dict(
@@ -449,29 +453,21 @@ def generate_part(c, dev):
 
 def timed_piece(net, codec, batch, steps, mode, dev):
     """One generate.py piece of `steps` per prompt for `batch` prompts (cfg 3, top-k 250, MP3s written as
-    they are made): seconds in all, and until the first second of audio was handed to the first file."""
+    they are made, through generate.Pieces): seconds in all, and until the first second of audio was
+    written."""
     import tempfile
     import generate
-    import model as M
+    info = dict(step=0, weights="ema", cond_dropout=0.1, data=dict(codec="untrained:seed=0", typical_scale=0.1))
+    session = generate.Session(net, info, random_text, codec, dev, next(net.parameters()).dtype)
     with tempfile.TemporaryDirectory() as tmp:
-        writers = [common.AudioWriter(os.path.join(tmp, f"{i}.mp3")) for i in range(batch)]
-        first = {}
-        original_write = writers[0].write
-
-        def timed_write(wav, _t0=time.time(), _first=first, _write=original_write):
-            _first.setdefault("s", time.time() - _t0)
-            _write(wav)
-        writers[0].write = timed_write
-        codes = torch.full((batch, 4, steps), M.UNKNOWN, dtype=torch.long, device=dev)
-        settings = dict(seed=0, top_k=250, top_p=1.0, temperature=1.0, cfg=3.0, gain_db=0.0)
+        c = dict(common.settings(vars(generate)), prompt=["x"], num_samples=batch, seconds=steps / common.FRAME_RATE,
+                 decode=mode, out=tmp, window_stride=18.0)
         sync(dev)
-        t = time.time()
-        generate.stream_pieces(net, random_text, ["x"] * batch, codes, codec, 0.1, writers, settings, 2700, mode,
-                               common.decoded_samples(steps))
-        for w in writers:
-            w.close()
+        t, first = time.time(), None
+        for _ in generate.Pieces(session, c):
+            first = first or time.time() - t
         sync(dev)
-        return dict(total_s=time.time() - t, first_audio_s=first["s"])
+        return dict(total_s=time.time() - t, first_audio_s=first)
 
 
 def encode_part(c, dev):
@@ -540,12 +536,12 @@ def learning_part(c, dev):
                      "--eval_clips=64", "--quality_samples=32", "--quality_seconds=10", "--num_workers=1", f"--device={dev}"])
         took = time.time() - t
         records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-        model, info = M.load_model(out, device=dev)
-        ckpt = M.load_checkpoint(os.path.join(out, "ckpt.pt"))
+        model, info = checkpoint.load_model(out, device=dev)
+        ckpt = checkpoint.load_checkpoint(os.path.join(out, "ckpt.pt"))
     c_run = ckpt["config"]
     data = deploy.Data(c["learning_data"], c_run["val_fraction"], c_run["seed"], resumed=ckpt)
     seq = c_run["seq_len"]
-    text_encoder = M.TextEncoder(info["text_encoder"], dev)
+    text_encoder = checkpoint.TextEncoder(info["text_encoder"], dev)
     total = torch.zeros(2 * seq)
     count = torch.zeros(2 * seq)
     with torch.no_grad():
@@ -584,8 +580,7 @@ def learning_section(c, sub, rate):
                      f"{r['train_s'] / 60:.1f} min"])
         print(rows[-1], flush=True)
     refs = (f"Baselines on the same validation clips: unigram {base.get('baseline_unigram', float('nan')):.3f}, bigram "
-            f"{base.get('baseline_bigram', float('nan')):.3f}, bigram with codebook 0 {base.get('baseline_bigram0', float('nan')):.3f} "
-            f"nats. Samples against the validation clips, references: real training clips FAD {base.get('fad_real', float('nan')):.2f}, "
+            f"{base.get('baseline_bigram', float('nan')):.3f} nats. Samples against the validation clips, references: real training clips FAD {base.get('fad_real', float('nan')):.2f}, "
             f"KAD {base.get('kad_real', float('nan')):.2f}; unigram noise FAD {base.get('fad_noise', float('nan')):.2f}, KAD "
             f"{base.get('kad_noise', float('nan')):.2f}; label adherence of real validation clips "
             f"{base.get('adherence_real') or float('nan'):.2f}, chance {base.get('adherence_chance') or float('nan'):.2f}.")

@@ -18,6 +18,7 @@ import h5py
 import numpy as np
 import torch
 
+import checkpoint
 import model as M
 from common import UserError
 
@@ -321,10 +322,13 @@ def resolve(cfg, given):
     if cfg["resume"]:
         if not os.path.exists(ckpt_path):
             raise UserError(f"nothing to resume: {cfg['out']} holds no ckpt.pt. Leave out --resume to start a new run there")
-        ckpt = M.load_checkpoint(ckpt_path)
-        # the settings the model was built with; one a checkpoint predates takes ModelConfig's default, the
-        # value it was built with (deploy.py's own default may have changed since, as positions' did)
-        built = dataclasses.asdict(M.ModelConfig.from_dict(ckpt["model_config"]))
+        ckpt = checkpoint.load_checkpoint(ckpt_path)
+        # the settings the model was built with (one the checkpoint predates: the value it was built with,
+        # checkpoint.PREDATED, not deploy.py's default for new runs)
+        try:
+            built = dataclasses.asdict(checkpoint.model_config(ckpt["model_config"]))
+        except (ValueError, TypeError) as e:
+            raise UserError(f"{ckpt_path}: the model settings stored with it are not valid ({e}): was it edited?") from None
         model_settings = {k: v for k, v in built.items() if k in M.MODEL_SETTINGS}
         changed = [k for k in given if k in model_settings and cfg[k] != model_settings[k]]
         if changed:
@@ -332,7 +336,7 @@ def resolve(cfg, given):
             raise UserError(f"cannot change {', '.join(changed)} when resuming: the checkpoint's model has {was}")
         cfg = {**cfg, **ckpt["config"], **model_settings, **{k: cfg[k] for k in given}, "resume": True}
     elif cfg["init_from"]:
-        source, info = M.load_model(cfg["init_from"])
+        source, info = checkpoint.load_model(cfg["init_from"])
         shape = {k: info["model"][k] for k in M.MODEL_SETTINGS}
         clash = [k for k in given if k in shape and cfg[k] != shape[k]]
         if clash:

@@ -20,7 +20,7 @@ import common  # first: Ctrl-C while the libraries below load then ends in one l
 import torch
 
 import deploy
-import model as M
+import checkpoint
 import train
 from common import UserError
 
@@ -69,13 +69,13 @@ def main(argv):
     common.check_ranges(c, dict(samples="[0, 100000]", seconds="[1, 600]", eval_clips="[1, inf)", seq_len="[0, inf)",
                                 batch_size="[1, 65536]", val_fraction="(0, 1)", seed="[0, 4294967295]"))
     dev = common.pick_device(c["device"])
-    model, info = M.load_model(c["ckpt"], ema=c["ema"], device=dev)
+    model, info = checkpoint.load_model(c["ckpt"], ema=c["ema"], device=dev)
     data = held_out(c, info)
     run = SimpleNamespace(eval_clips=c["eval_clips"], seq_len=c["seq_len"] or info.get("seq_len") or model.cfg.max_len,
                           batch_size=c["batch_size"],
                           pattern=model.cfg.pattern, quality_samples=c["samples"], quality_seconds=c["seconds"],
                           codec_weights=c["codec_weights"], seed=c["seed"], cond_dropout=info["cond_dropout"])
-    text_encoder = M.TextEncoder(info["text_encoder"], dev)
+    text_encoder = checkpoint.TextEncoder(info["text_encoder"], dev)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.startswith("cuda") else torch.autocast("cpu", enabled=False)
     scores = dict(train.baselines(data, run, model.cfg.vocab))
     scores.update(train.evaluate(model, data, run, text_encoder, dev, autocast) or {})
@@ -94,7 +94,7 @@ def report(s):
     """The scores, each beside its references, one line each."""
     value = lambda k: "not measurable" if s.get(k) is None else f"{s[k]:.3f}"
     lines = [f"validation loss {value('val_loss')} nats; baselines: uniform {value('baseline_uniform')}, unigram "
-             f"{value('baseline_unigram')}, bigram {value('baseline_bigram')}, bigram with codebook 0 {value('baseline_bigram0')}"]
+             f"{value('baseline_unigram')}, bigram {value('baseline_bigram')}"]
     if "conditioning_gap" in s:
         lines.append(f"conditioning gap {value('conditioning_gap')} nats (labels exchanged {value('val_loss_shuffled')}); "
                      f"empty text {value('val_loss_empty')}")

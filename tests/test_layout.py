@@ -27,12 +27,30 @@ def test_the_scripts_import_no_circle():
     circles = [name for name in graph if reaches(name, name)]
     assert circles == [], f"import circles through {circles}: {graph}"
     # the layering README states: common ← model ← the scripts; deploy starts train; generate needs no other script
-    assert graph["common"] == set() and graph["quality"] == set()
-    assert graph["model"] == {"common"}
-    assert graph["train"] == {"common", "model", "quality"}
-    assert graph["evaluate"] == {"common", "model", "deploy", "train"}
-    assert graph["generate"] <= {"common", "model"} and graph["export"] <= {"common", "model"}
-    assert graph["deploy"] == {"common", "model", "train"} and graph["compress"] == {"common"}
+    assert graph["common"] == set() and graph["quality"] == set() and graph["model"] == set()
+    assert graph["decoding"] == {"model"} and graph["checkpoint"] == {"common", "model"}
+    assert graph["train"] == {"checkpoint", "common", "decoding", "model", "quality"}
+    assert graph["evaluate"] == {"checkpoint", "common", "deploy", "train"}
+    assert graph["generate"] == {"checkpoint", "common", "decoding", "model"} and graph["export"] == {"checkpoint", "common"}
+    assert graph["deploy"] == {"checkpoint", "common", "model", "train"} and graph["compress"] == {"common"}
+
+
+def test_model_py_is_the_network_in_plain_pytorch():
+    """What a researcher changes reads as math: no compiler, no device-specific path, no thread count;
+    decoding's fast forms and the checkpoints live beside it (decoding.py, checkpoint.py)."""
+    source = open(os.path.join(ROOT, "model.py")).read()
+    for word in ("torch._inductor", "torch.compiler", "torch.compile", "set_num_threads", '== "cpu"', "is_compiling",
+                 "torch.load", "safetensors", "transformers"):
+        assert word not in source, word
+    assert len(source.splitlines()) < 760
+
+
+def test_every_model_setting_has_one_default():
+    """deploy.py's settings block keeps the model settings a user edits, with ModelConfig's defaults."""
+    import deploy
+    import model as M
+    defaults = M.ModelConfig()
+    assert {name: getattr(deploy, name) for name in M.MODEL_SETTINGS} == {name: getattr(defaults, name) for name in M.MODEL_SETTINGS}
 
 
 def test_every_function_fits_on_a_screen():

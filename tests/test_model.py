@@ -7,7 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoint
+import decoding
 import model as M
+import train
 from model import ModelConfig, MusicTransformer
 
 TINY = ModelConfig(dim=64, depth=2, heads=4, dim_head=16, nb_features=32, local_window=7, text_dim=24,
@@ -154,14 +157,14 @@ def test_recurrent_decoding_equals_full_forward(kernel, attention, pattern, cros
     with torch.no_grad():
         full = net(tokens, text, mask)
         state = net.init_state(2, "cpu")
-        before = [(t.data_ptr(), t.shape) for t in M._state_tensors(state)]
+        before = [(t.data_ptr(), t.shape) for t in decoding._state_tensors(state)]
         logits = net.prefill(tokens[..., :17], text, mask, state)
-        after_prefill = [(t.data_ptr(), t.shape) for t in M._state_tensors(state)]
+        after_prefill = [(t.data_ptr(), t.shape) for t in decoding._state_tensors(state)]
         worst = (logits - full[:, :, 16]).abs().max()
         for t in range(17, 330):
             worst = max(worst, (net.step(tokens[..., t], state) - full[:, :, t]).abs().max())
     assert worst <= 1e-4
-    assert [(t.data_ptr(), t.shape) for t in M._state_tensors(state)] == after_prefill
+    assert [(t.data_ptr(), t.shape) for t in decoding._state_tensors(state)] == after_prefill
     assert set(before) <= set(after_prefill)          # prefill fills the state in place, adding only the text's keys/values
 
 
@@ -170,9 +173,9 @@ def test_the_decoding_copy_folds_its_gates_and_computes_the_same():
     tokens, text, mask = inputs(t=40)
     with torch.no_grad():
         expected = net(tokens, text, mask)
-        decoding = net.for_decoding("cpu", torch.float32)
-        assert all(b.f.gate is None and b.g.gate is None for b in decoding.blocks)
-        assert (decoding(tokens, text, mask) - expected).abs().max() <= 1e-5
+        fast = decoding.for_decoding(net, "cpu", torch.float32)
+        assert all(b.f.gate is None and b.g.gate is None for b in fast.blocks)
+        assert (fast(tokens, text, mask) - expected).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -181,7 +184,7 @@ def test_compiled_decoding_products_equal_f_linear(dtype):
     its stored input: the same as F.linear, also for inputs that are views at an offset or come from an
     operation inductor could have recomputed inside the product."""
     torch.manual_seed(0)
-    lin = M.Linear(48, 24).to(dtype).eval()
+    lin = decoding.RowLinear(48, 24).to(dtype).eval()
     both = lambda big: (lin(F.gelu(big[:, 1])), lin(big[:, 2]))
     compiled = torch.compile(both, fullgraph=True, dynamic=False)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
@@ -201,7 +204,7 @@ def test_compiled_decoding_attention_and_features_equal_the_library_calls():
     q, k, v = torch.randn(2, 3, 1, 16), torch.randn(2, 3, 20, 16), torch.randn(2, 3, 20, 16)
     mask = torch.zeros(1, 20).masked_fill_(torch.arange(20) > 12, float("-inf"))   # slots not written yet
     projection = torch.randn(32, 16)
-    both = lambda q, k, v: (M.attend(q, k, v, mask), M.favor_features(q, projection, "softmax", is_query=True)[0])
+    both = lambda q, k, v: (decoding.attend(q, k, v, mask), decoding.favor_features(q, projection, "softmax", is_query=True)[0])
     with torch.no_grad():
         got = torch.compile(both, fullgraph=True, dynamic=False)(q, k, v)
         want = (F.scaled_dot_product_attention(q, k, v, attn_mask=mask), both(q, k, v)[1])
@@ -243,7 +246,7 @@ def test_compiled_training_compiles_every_branch_and_equals_eager():
     minutes on 2 cores); tests/test_cuda.py runs inductor."""
     from torch._dynamo.utils import counters
     eager, compiled = tiny(dropout=0.1, depth=1).train(), tiny(dropout=0.1, depth=1).train()
-    run = compiled.compile_for_training("aot_eager")
+    run = train.compile_for_training(compiled, "aot_eager")
     assert all(block.compiled is None for block in copy.deepcopy(compiled).blocks)   # the EMA's copy: eager
     batch = (*inputs(t=40), torch.randint(0, 1024, (2, 4, 40), generator=torch.Generator().manual_seed(0)))
     counters.clear()
@@ -289,7 +292,7 @@ def test_random_features_are_seeded_and_redrawn_identically():
 
 
 def test_text_encoder_runs_offline_once_per_text():
-    enc = M.TextEncoder()
+    enc = checkpoint.TextEncoder()
     states, mask = enc(["calm piano", "upbeat major arpeggio with drums", "calm piano"])
     assert states.shape[0] == 3 and states.shape[2] == 384 == enc.dim
     assert mask[0].sum() < mask[1].sum() and torch.equal(states[0], states[2])
@@ -300,7 +303,7 @@ def test_text_encoder_runs_offline_once_per_text():
 
 def test_unknown_text_encoder_fails_clearly():
     with pytest.raises(SystemExit, match="could not load the text encoder 'no-such/model-xyz'"):
-        M.TextEncoder("no-such/model-xyz")
+        checkpoint.TextEncoder("no-such/model-xyz")
 
 
 @pytest.mark.parametrize("reversible", [True, False])

