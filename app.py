@@ -15,6 +15,7 @@ Pieces go into --out with generate.py's names (nothing is replaced); a stopped r
 `.partial` files.
 """
 import contextlib
+import json
 import os
 import random
 import sys
@@ -125,8 +126,8 @@ def page(session, c):
                 for line, chunks, finished, used in make(session, c, *inputs[:-1]):
                     shown = [gr.update(visible=i < len(chunks) or (not chunks and i < len(finished)) or i == 0,
                                        **({"value": chunks[i]} if i < len(chunks) else {})) for i in range(c["max_pieces"])]
-                    rows = [[time.strftime("%H:%M:%S"), os.path.basename(p), _prompt(j), used, _seconds(j)]
-                            for p, j, _ in finished]
+                    rows = [[time.strftime("%H:%M:%S"), os.path.basename(p), meta["prompt"], used, meta["seconds"]]
+                            for p, meta in ((p, _read_json(j)) for p, j, _ in finished)]
                     past = rows + past if finished else past
                     yield (line, used, *shown, [f for p, j, _ in finished for f in (p, j)] or gr.update(),
                            [png for *_, png in finished if os.path.exists(png)] or gr.update(), past, past)
@@ -140,16 +141,9 @@ def page(session, c):
     return demo
 
 
-def _prompt(meta_path):
-    import json
-    with open(meta_path, encoding="utf-8") as f:
-        return json.load(f)["prompt"]
-
-
-def _seconds(meta_path):
-    import json
-    with open(meta_path, encoding="utf-8") as f:
-        return json.load(f)["seconds"]
+def _read_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def load(c):

@@ -65,6 +65,14 @@ def test_bad_input_is_one_line_before_any_work(tiny_ckpt, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["notes.txt"]
 
 
+def test_a_stopped_request_leaves_no_file_that_looks_finished(tiny_ckpt, tmp_path):
+    c = settings(tiny_ckpt, tmp_path)
+    pieces = app.make(app.load(c), c, "calm minor pad", *dict(ARGS, seconds=5).values())
+    next(pieces)                                        # the first second is out, then the page's Stop closes it
+    pieces.close()
+    assert os.listdir(tmp_path) == ["calm_minor_pad.partial.mp3"]
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

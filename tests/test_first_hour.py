@@ -9,16 +9,18 @@ import sys
 
 import pytest
 
+import app
 import bench
 import common
 import compress
 import deploy
+import evaluate
 import example
 import export
 import generate
 from conftest import ROOT, TINY_TRAIN, write_shards
 
-SCRIPTS = [bench, compress, deploy, example, export, generate]
+SCRIPTS = [app, bench, compress, deploy, evaluate, example, export, generate]
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda m: m.__name__)
