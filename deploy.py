@@ -87,10 +87,8 @@ dtype = "bfloat16"          # autocast dtype on CUDA: bfloat16, float16 or float
 compile = False             # torch.compile each reversible branch (README: "Training")
 seed = 1337
 # -----------------------------------------------------------------------------
-RANGES = dict(   # what each numeric setting accepts; anything else stops with one line before work starts
-    dim="[2, 16384]", depth="[1, 512]", heads="[1, 256]", dim_head="[2, 1024]", nb_features="[1, 16384]",
-    local_heads="[0, 256]", local_window="[1, 1000000]", max_len="[1, 100000000]", ff_mult="[1, 64]",
-    ff_chunks="[1, 1024]", dropout="[0, 1)", feature_redraw_interval="[0, inf)", seq_len="[2, 100000000]",
+RANGES = dict(   # what each numeric setting accepts (the model's: model.RANGES); anything else stops with one line
+    seq_len="[2, 100000000]",
     val_fraction="[0, 1)", cond_dropout="[0, 1]", num_workers="[0, 256]", batch_size="[1, 65536]",
     grad_accum="[1, 1000000]", lr="(0, inf)", min_lr="[0, inf)", warmup_steps="[0, inf)", max_steps="[1, inf)",
     lr_decay_steps="[0, inf)", weight_decay="[0, 100]", grad_clip="[0, inf)", max_bad_steps="[1, inf)",
@@ -347,6 +345,10 @@ def resolve(cfg, given):
         cfg = {**cfg, **shape, "text_encoder": info["text_encoder"]}
         init = dict(weights=source.state_dict(), codec=info["data"]["codec"])
     common.check_ranges(cfg, RANGES)
+    try:                        # the model's settings, before any work (train.build makes it from the same ones)
+        M.ModelConfig(**{k: cfg[k] for k in M.MODEL_SETTINGS}).validate()
+    except ValueError as e:
+        raise UserError(str(e)) from None
     if cfg["seq_len"] > cfg["max_len"]:
         raise UserError(f"seq_len={cfg['seq_len']} is longer than the model's max_len={cfg['max_len']}: lower --seq_len or raise --max_len")
     return cfg, ckpt, init

@@ -66,9 +66,11 @@ class ModelConfig:
                   and math.isfinite(value) if kind is float else isinstance(value, kind) and not isinstance(value, bool))
             if not ok:
                 raise ValueError(f"{f.name}={value!r} is not {_KINDS[kind]}")
-        for name, (low, high) in RANGES.items():
-            if not low <= getattr(self, name) <= high:
-                raise ValueError(f"{name}={getattr(self, name)} is out of range: it must be in [{low}, {high}]")
+        for name, interval in RANGES.items():
+            low, high = (float(x) for x in interval[1:-1].split(","))
+            value = getattr(self, name)
+            if not ((low < value or interval[0] == "[" and value == low) and (value < high or interval[-1] == "]" and value == high)):
+                raise ValueError(f"{name}={value} is out of range: it must be in {interval}")
         checks = [
             (self.kernel in ("generalized", "softmax"), f"kernel={self.kernel!r}: use generalized or softmax"),
             (self.attention in ("favor", "softmax"), f"attention={self.attention!r}: use favor or softmax"),
@@ -97,11 +99,11 @@ class ModelConfig:
 
 
 _KINDS = {bool: "true or false", int: "a whole number", float: "a number", str: "a text"}
-# what each numeric setting accepts (deploy.py checks its settings against these too)
-RANGES = dict(n_q=(1, 32), vocab=(2, 65536), dim=(2, 16384), depth=(1, 512), heads=(1, 256), dim_head=(2, 1024),
-              nb_features=(1, 16384), local_heads=(0, 256), local_window=(1, 1_000_000), max_len=(1, 100_000_000),
-              ff_mult=(1, 64), ff_chunks=(1, 1024), dropout=(0, 0.999999), text_dim=(1, 65536),
-              feature_redraw_interval=(0, 2**62), chunk_size=(1, 65536), seed=(0, 2**63 - 1))
+# what each numeric setting accepts, in interval notation (deploy.py checks a new run's settings with them)
+RANGES = dict(n_q="[1, 32]", vocab="[2, 65536]", dim="[2, 16384]", depth="[1, 512]", heads="[1, 256]", dim_head="[2, 1024]",
+              nb_features="[1, 16384]", local_heads="[0, 256]", local_window="[1, 1000000]", max_len="[1, 100000000]",
+              ff_mult="[1, 64]", ff_chunks="[1, 1024]", dropout="[0, 1)", text_dim="[1, 65536]",
+              feature_redraw_interval="[0, inf)", chunk_size="[1, 65536]", seed="[0, inf)")
 
 
 # the settings of deploy.py that shape the model (the rest of ModelConfig comes from the data and the run)
