@@ -80,6 +80,26 @@ def fill_disk(folder, leave_kib):
         f.write(b"\0" * max(0, free - leave_kib * 1024))
 
 
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def browser_dom(page, profile, screenshot=None):
+    """The DOM of a page file as headless Chromium leaves it after its scripts ran (and a screenshot, if
+    asked); the test is skipped where Debian's chromium is not installed."""
+    import shutil
+    import subprocess
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no Chromium installed (.ci/run installs Debian's chromium where it can)")
+    flags = [*CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=5000"]
+    url = page.as_uri()
+    dom = subprocess.run([browser, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    if screenshot:
+        subprocess.run([browser, *flags, "--window-size=1300,1400", f"--screenshot={screenshot}", url], capture_output=True, timeout=120)
+    return dom
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
     """A tiny model trained for 6 steps on synthetic shards (cond_dropout 0.3, so guidance works)."""

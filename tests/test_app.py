@@ -15,7 +15,7 @@ import soundfile as sf
 import app
 import common
 import generate
-from conftest import ROOT
+from conftest import CHROMIUM_FLAGS, ROOT
 
 ARGS = dict(seconds=1, cfg=3.0, top_k=250, top_p=1.0, temperature=1.0, seed=7, random_seed=False, num_samples=1,
             continue_from=None)
@@ -126,8 +126,7 @@ def test_the_page_in_a_real_browser(server):
     url, _ = server
     options = webdriver.ChromeOptions()
     options.binary_location = browser
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--window-size=1300,1900"):
+    for flag in (*CHROMIUM_FLAGS, "--window-size=1300,1900"):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver_path), options=options)
     try:

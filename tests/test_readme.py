@@ -93,4 +93,7 @@ def test_every_readme_command_runs(tmp_path):
     heard = re.findall(r'<audio [^>]*src="([^"]+)"', page)
     assert len(heard) == 3 and all((tmp_path / "example_small" / "run" / src).exists() for src in heard)
     assert 'data-state="finished"' in page
+    from conftest import browser_dom                                            # as a browser shows it: every image loads
+    dom = browser_dom(tmp_path / "example_small" / "run" / "index.html", tmp_path / "profile")
+    assert 'data-broken="0"' in dom and dom.count("<audio") == 3 and "finished: 4 steps" in dom
     assert "A decode step of the default model" in (tmp_path / "BENCHMARKS.md").read_text()

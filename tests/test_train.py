@@ -384,9 +384,7 @@ def test_the_page_in_a_real_browser(tmp_path):
     """Headless Chromium opens index.html from disk: every image loads and every sample has a player."""
     import shutil
     import train
-    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    if browser is None:
-        pytest.skip("no Chromium installed (.ci/run installs Debian's chromium where it can)")
+    from conftest import browser_dom
     import common as C
     (tmp_path / "samples").mkdir()
     wav = torch.sin(torch.arange(24_000) / 48_000 * 2 * math.pi * 440).expand(2, -1) * 0.3
@@ -401,12 +399,7 @@ def test_the_page_in_a_real_browser(tmp_path):
     monitor.out_dir, monitor.records, monitor.config = str(tmp_path), records, dict(log_interval=10, max_steps=20)
     monitor.plot()
     monitor.page("finished")
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-             "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000"]
-    url = (tmp_path / "index.html").as_uri()
-    dom = subprocess.run([browser, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    dom = browser_dom(tmp_path / "index.html", tmp_path / "profile", screenshot=tmp_path / "page.png")
     assert 'data-broken="0"' in dom and dom.count("<audio") == 4 and "finished: 20 steps" in dom
-    subprocess.run([browser, *flags, "--window-size=1300,1400", f"--screenshot={tmp_path / 'page.png'}", url],
-                   capture_output=True, timeout=120)
     assert (tmp_path / "page.png").stat().st_size > 10_000
     shutil.copy(tmp_path / "page.png", os.environ.get("PAGE_SCREENSHOT", tmp_path / "copy.png"))
