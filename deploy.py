@@ -104,7 +104,8 @@ class Shards:
     def __init__(self, folder):
         self.paths = sorted(glob.glob(os.path.join(glob.escape(folder), "*.h5")))
         if not os.path.isdir(folder) or not self.paths:
-            audio = os.path.isdir(folder) and any(f.lower().endswith(common.AUDIO_EXTENSIONS) for f in os.listdir(folder))
+            audio = os.path.isdir(folder) and any(f.lower().endswith(common.AUDIO_EXTENSIONS) for _, _, files in os.walk(folder)
+                                                  for f in files)     # the audio folder itself, or one above it
             raise UserError(f"no .h5 shards in --data={folder!r}: run compress.py first, e.g. python compress.py "
                             + (f"--input={folder} --output=data/, then --data=data/" if audio else f"--input=music/ --output={folder}"))
         rows, lengths, texts, scales = [], [], [], []
