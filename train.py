@@ -629,7 +629,7 @@ class Progress:
 
 class Checkpointer:
     """save(step, best_val, why): every rank calls it at the same step (their random states are gathered);
-    rank 0 writes ckpt.pt through model.save_checkpoint."""
+    rank 0 writes ckpt.pt through checkpoint.save_checkpoint."""
 
     def __init__(self, c, config, data_info, model, ema, optimizer, world, device, master, progress):
         self.c, self.config, self.data_info, self.model, self.ema, self.optimizer = c, config, data_info, model, ema, optimizer

@@ -55,7 +55,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
 
 def test_resuming_a_checkpoint_older_than_a_setting_rebuilds_its_model(tmp_path):
     """A checkpoint written before `positions` existed was trained with that setting's old value, the
-    dataclass default (absolute): resuming rebuilds that model, not deploy.py's newer default."""
+    value it predates (absolute): resuming rebuilds that model, not deploy.py's newer default."""
     data = write_shards(tmp_path / "data")
     run(data, tmp_path / "run", "--max_steps=2", "--eval_interval=2", "--positions=absolute")
     path = tmp_path / "run" / "ckpt.pt"
@@ -63,7 +63,7 @@ def test_resuming_a_checkpoint_older_than_a_setting_rebuilds_its_model(tmp_path)
     del ckpt["config"]["positions"], ckpt["model_config"]["positions"]
     checkpoint.save_checkpoint(str(path), ckpt)
     deploy.main(["--out", str(tmp_path / "run"), "--data", str(data), "--resume", "--max_steps=3"])
-    assert torch.load(path, weights_only=True)["model_config"]["positions"] == M.ModelConfig.positions == "absolute"
+    assert torch.load(path, weights_only=True)["model_config"]["positions"] == checkpoint.PREDATED["positions"] == "absolute"
 
 
 def test_checkpoint_loads_weights_only_and_survives_a_crash_mid_write(tmp_path, monkeypatch):
@@ -106,14 +106,14 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     script.write_text(
         "import os, sys, torch\n"
         f"sys.path.insert(0, {ROOT!r})\n"
-        "import deploy, model\n"
-        "save = model.save_checkpoint\n"
+        "import deploy, checkpoint\n"
+        "save = checkpoint.save_checkpoint\n"
         "def save_and_keep_step_3(path, ckpt):   # the run's checkpoint at step 3, kept for the resume below\n"
         "    save(path, ckpt)\n"
         "    if ckpt['step'] == 3 and os.environ.get('KEEP_STEP_3'):\n"
         "        os.makedirs(os.environ['KEEP_STEP_3'])\n"
         "        save(os.path.join(os.environ['KEEP_STEP_3'], 'ckpt.pt'), ckpt)\n"
-        "model.save_checkpoint = save_and_keep_step_3\n"
+        "checkpoint.save_checkpoint = save_and_keep_step_3\n"
         "net = deploy.main(sys.argv[1:])\n"
         "flat = torch.cat([p.detach().flatten() for p in net.parameters()] + [b.flatten() for n, b in net.named_buffers()])\n"
         "torch.save(flat, os.path.join(os.environ['CHECK_DIR'], f\"rank{os.environ['RANK']}.pt\"))\n")
