@@ -97,6 +97,11 @@ def weights_dtype(requested, device, rows):
     return torch.bfloat16 if device.startswith("cuda") or rows <= 8 else torch.float32
 
 
+def check_device(c, device):
+    if c["decode"] == "graph" and not device.startswith("cuda"):
+        raise UserError("decode=graph needs a CUDA GPU: use --decode=eager (or auto)")
+
+
 class Session:
     """A model ready to make pieces from (generate.py makes one per run, app.py one for its life): its
     decoding copy on the device, its text encoder, its codec, and the decoders captured for it so far (a
@@ -118,8 +123,7 @@ class Session:
         """What a request asks that this model cannot do, as one line."""
         if c["cfg"] != 1 and self.info["cond_dropout"] <= 0:
             raise UserError("this model was trained with cond_dropout=0, so it has no unconditional mode: use --cfg=1")
-        if c["decode"] == "graph" and not self.dev.startswith("cuda"):
-            raise UserError("decode=graph needs a CUDA GPU: use --decode=eager (or auto)")
+        check_device(c, self.dev)
 
 
 class Pieces:
@@ -234,8 +238,7 @@ def main(argv):
     common.check_writable(c["out"], "out")
     dev = common.pick_device(c["device"])
     rows = len(c["prompt"]) * c["num_samples"] * (2 if c["cfg"] != 1 else 1)
-    if c["decode"] == "graph" and not dev.startswith("cuda"):
-        raise UserError("decode=graph needs a CUDA GPU: use --decode=eager (or auto)")
+    check_device(c, dev)                        # before the model is loaded
     session = Session.load(c["ckpt"], c["ema"], dev, weights_dtype(c["decode_dtype"], dev, rows), c["codec_weights"])
     session.check(c)
     if session.info["data"]["codec"].startswith("untrained"):
