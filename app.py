@@ -16,14 +16,18 @@ Pieces go into --out with generate.py's names (nothing is replaced); a stopped r
 """
 import contextlib
 import json
+import math
 import os
 import random
+import shutil
 import sys
+import tempfile
 import time
 
 import common  # first: Ctrl-C while the libraries below load then ends in one line, not a traceback
 import numpy as np
 
+import decoding
 import generate
 from common import UserError
 
@@ -43,19 +47,46 @@ device = "auto"             # auto (cuda when available), cpu, cuda
 # -----------------------------------------------------------------------------
 
 
+def number(value, what, low, high, whole=False):
+    """A number the page or its API sent, checked (NaN, infinities, text, out of range): one line in the page's words."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        value = str(value)
+    try:
+        x = value if isinstance(value, int) else float(value)
+    except ValueError:
+        x = math.nan
+    if not math.isfinite(x) or not low <= x <= high or (whole and x != int(x)):
+        raise UserError(f"{what} must be {'a whole number' if whole else 'a number'} from {low:g} to {high:g}, not {value!r}")
+    return int(x) if whole else float(x)
+
+
 def request(c, prompts, seconds, cfg, top_k, top_p, temperature, seed, random_seed, num_samples, continue_from):
-    """generate.py's settings for one request from the page, checked: UserError (one line) for what to change."""
-    texts = [line.strip() for line in (prompts or "").splitlines() if line.strip()]
+    """generate.py's settings for one request from the page (or its API), every input checked before any work:
+    UserError, one line in the page's words, for what to change."""
+    if not isinstance(prompts, str):
+        raise UserError("the prompts must be text, one per line")
+    texts = [line.strip() for line in prompts.splitlines() if line.strip()]
     if not texts:
         raise UserError("write a prompt first (one per line for several pieces at once)")
-    if len(texts) * int(num_samples) > c["max_pieces"]:
-        raise UserError(f"{len(texts)} prompts × {int(num_samples)} samples is more than the {c['max_pieces']} pieces a "
+    pieces = number(num_samples, "Samples per prompt", 1, c["max_pieces"], whole=True)
+    if len(texts) * pieces > c["max_pieces"]:
+        raise UserError(f"{len(texts)} prompts × {pieces} samples is more than the {c['max_pieces']} pieces a "
                         "request makes: fewer prompts or samples")
-    if not 0 < float(seconds) <= c["max_seconds"]:
-        raise UserError(f"a length of {seconds} s is out of range: between 1 and {c['max_seconds']:g} s")
-    seed = random.randrange(2**31) if random_seed else int(seed)
-    request = dict(common.settings(vars(generate)), prompt=texts, seconds=float(seconds), cfg=float(cfg), top_k=int(top_k),
-                   top_p=float(top_p), temperature=float(temperature), seed=seed, num_samples=int(num_samples),
+    if random_seed not in (True, False):
+        raise UserError(f"'random seed' is a checkbox: true or false, not {random_seed!r}")
+    seed = random.randrange(2**31) if random_seed else number(seed, "Seed", 0, 2**53, whole=True)
+    if continue_from:
+        name = os.path.basename(str(continue_from))
+        try:
+            held = common.audio_seconds(str(continue_from))
+        except (ValueError, OSError) as e:
+            raise UserError(f"the file to continue from ({name}) is not audio this page can read ({common.first_line(e, 80)})") from None
+        if held is not None and held < 1:
+            raise UserError(f"the file to continue from ({name}) holds {held:.2f} s of audio: it needs at least 1 s")
+    request = dict(common.settings(vars(generate)), prompt=texts, num_samples=pieces, seed=seed,
+                   seconds=number(seconds, "Seconds", 1, c["max_seconds"]), cfg=number(cfg, "Guidance", 1, 100),
+                   top_k=number(top_k, "Top-k", 0, 1024, whole=True), top_p=number(top_p, "Top-p", 0.01, 1),
+                   temperature=number(temperature, "Temperature", 0.01, 100),
                    continue_from=continue_from or "", out=c["out"], ckpt=c["ckpt"], spectrogram=True, format="mp3")
     generate.validate(request)
     return request
@@ -68,6 +99,9 @@ def make(session, c, *inputs, progress=None):
     directly. Bad input: UserError before any work."""
     settings = request(c, *inputs)
     session.check(settings)
+    cut = session.text_encoder.cut(settings["prompt"])
+    said = "".join(f"prompt {i + 1} is longer than the {session.text_encoder.MAX_TOKENS} tokens the model reads: it "
+                   f"reads up to {kept[-40:]!r}, not {rest[:40]!r}... · " for i, (kept, rest) in cut.items())
     job = generate.Pieces(session, settings)
     t0, first = time.time(), None
     with contextlib.closing(iter(job)) as pieces:     # a stopped request closes it: its files stay .partial
@@ -75,11 +109,11 @@ def make(session, c, *inputs, progress=None):
             first = first or (time.time(), seconds)
             pace = (seconds - first[1]) / max(1e-9, time.time() - first[0])
             chunks = [(common.SAMPLE_RATE, (wav.clamp(-1, 1).numpy().T * 32767).astype(np.int16)) for wav in audio]
-            yield (f"{job.describe()}: {seconds:.0f} of {settings['seconds']:g} s written"
+            yield (f"{said}{job.describe()}: {seconds:.0f} of {settings['seconds']:g} s written"
                    + (f" ({pace:.2f}× real time)" if pace else ""), chunks, [], settings["seed"])
     took = time.time() - t0
     finished = [(path, path + ".json", path + ".png") for path in job.paths]
-    yield (f"{len(job.paths)} × {settings['seconds']:g} s in {took:.1f} s, seed {settings['seed']}: "
+    yield (f"{said}{len(job.paths)} × {settings['seconds']:g} s in {took:.1f} s, seed {settings['seed']}: "
            f"{', '.join(os.path.basename(p) for p in job.paths)}", [], finished, settings["seed"])
 
 
@@ -87,10 +121,11 @@ def page(session, c):
     """The gradio page: the prompt box and settings, a player per piece, the files and the history."""
     import gradio as gr
     examples = [p for p in session.info["data"].get("sample_prompts", []) if p]
+    own, line = session.sampling(dict.fromkeys(decoding.SAMPLING_RANGES, "auto"))
     with gr.Blocks(title="music-transformer") as demo:
         gr.Markdown(f"## music-transformer: make music from text\nModel: `{c['ckpt']}` (step {session.info['step']}, "
                     f"{session.info['weights']} weights, codec {session.info['data']['codec']}) on {session.dev}. "
-                    f"Pieces are kept in `{os.path.abspath(c['out'])}`.")
+                    f"Pieces are kept in `{os.path.abspath(c['out'])}`. Starting {line}.")
         with gr.Row():
             with gr.Column(scale=2):
                 prompts = gr.Textbox(label="Prompts, one per line (made together)", lines=3, elem_id="prompts")
@@ -102,11 +137,11 @@ def page(session, c):
                 status = gr.Markdown(elem_id="status")
             with gr.Column(scale=1):
                 seconds = gr.Slider(1, c["max_seconds"], value=10, step=1, label="Seconds")
-                cfg = gr.Slider(1, 10, value=3.0 if session.info["cond_dropout"] > 0 else 1.0, step=0.1,
-                                label="Guidance (1: off)", interactive=session.info["cond_dropout"] > 0)
-                top_k = gr.Slider(1, 1024, value=250, step=1, label="Top-k")
-                top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p (1: off)")
-                temperature = gr.Slider(0.1, 3.0, value=1.0, step=0.05, label="Temperature")
+                cfg = gr.Slider(1, 10, value=own["cfg"], step=0.1, label="Guidance (1: off)",
+                                interactive=session.info["cond_dropout"] > 0)
+                top_k = gr.Slider(0, 1024, value=own["top_k"], step=1, label="Top-k (0: off)")
+                top_p = gr.Slider(0.05, 1.0, value=own["top_p"], step=0.05, label="Top-p (1: off)")
+                temperature = gr.Slider(0.1, 3.0, value=own["temperature"], step=0.05, label="Temperature")
                 with gr.Row():
                     seed = gr.Number(0, precision=0, label="Seed")
                     random_seed = gr.Checkbox(False, label="Random (shows the seed it used)")
@@ -114,7 +149,7 @@ def page(session, c):
                 continue_from = gr.Audio(type="filepath", sources=["upload"], label="Continue from (optional)")
         players = [gr.Audio(streaming=True, autoplay=i == 0, visible=i == 0, label=f"Piece {i + 1}", elem_classes=["piece"])
                    for i in range(c["max_pieces"])]
-        files = gr.Files(label="Files: each piece and its .json")
+        files = gr.Files(label="Files: each piece and its .json", elem_id="files")
         pictures = gr.Gallery(label="Spectrograms", columns=4, height="auto")
         history = gr.Dataframe(headers=["made", "piece", "prompt", "seed", "seconds"], label="This session, newest first",
                                interactive=False)
@@ -125,7 +160,8 @@ def page(session, c):
             try:
                 for line, chunks, finished, used in make(session, c, *inputs[:-1]):
                     shown = [gr.update(visible=i < len(chunks) or (not chunks and i < len(finished)) or i == 0,
-                                       **({"value": chunks[i]} if i < len(chunks) else {})) for i in range(c["max_pieces"])]
+                                       **({"value": wav_bytes(*chunks[i])} if i < len(chunks) else {}))
+                             for i in range(c["max_pieces"])]
                     rows = [[time.strftime("%H:%M:%S"), os.path.basename(p), meta["prompt"], used, meta["seconds"]]
                             for p, meta in ((p, _read_json(j)) for p, j, _ in finished)]
                     past = rows + past if finished else past
@@ -134,11 +170,29 @@ def page(session, c):
             except UserError as e:                       # bad input: one line on the page, no traceback anywhere
                 raise gr.Error(str(e.code).removeprefix("error: "), print_exception=False) from None
 
+        for widget in (seconds, cfg, top_k, top_p, temperature, seed, random_seed, num_samples):
+            # the value as it came: the page's own widgets send numbers in range, its API anything (NaN, text, ...),
+            # which gradio's own checks would answer with an empty error; request() checks each, in the page's words
+            widget.preprocess = lambda payload: payload
         event = go.click(run, [prompts, seconds, cfg, top_k, top_p, temperature, seed, random_seed, num_samples,
                                continue_from, made],
                          [status, seed, *players, files, pictures, history, made], api_name="generate")
         stop.click(None, cancels=[event])
     return demo
+
+
+def wav_bytes(rate, pcm):
+    """A streamed second, (rate, int16 (samples, channels)), as a WAV file in memory: gradio streams bytes to the
+    player as they are, where it would write an array into its cache as a file (and keep it)."""
+    import io
+    import wave
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as w:
+        w.setnchannels(pcm.shape[1])
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm.tobytes())
+    return buffer.getvalue()
 
 
 def _read_json(path):
@@ -160,16 +214,30 @@ def main(argv):
         raise UserError(f"no model at --ckpt={c['ckpt']}: give a run folder of deploy.py (its --out), its ckpt.pt, or a "
                         f"folder written by export.py{generate.found_here()}")
     session = load(c)
-    demo = page(session, c)
-    demo.queue(default_concurrency_limit=1)            # one request at a time on the device; the others wait
-    print(f"model {c['ckpt']} loaded on {session.dev}; pieces go to {os.path.abspath(c['out'])}")
+    out = os.path.abspath(c["out"])
+    os.makedirs(out, exist_ok=True)
+    # gradio keeps a copy of every file it hands the page in its cache (by default under the system's temporary
+    # folder, forever): the pieces are served from --out as they are (static paths), the streamed seconds go as
+    # bytes, and what is left (uploads to continue from) goes into a folder of this app's own inside --out,
+    # emptied of files older than an hour as it runs, and removed when the app ends
+    cache = tempfile.mkdtemp(prefix=".app-cache-", dir=out)
+    os.environ["GRADIO_TEMP_DIR"] = cache
+    import gradio as gr
+    gr.set_static_paths([out])
     try:
-        demo.launch(server_name=c["host"], server_port=c["port"] or None, share=c["share"], allowed_paths=[os.path.abspath(c["out"])],
+        demo = page(session, c)
+        demo.delete_cache = (600, 3600)
+        demo.queue(default_concurrency_limit=1)        # one request at a time on the device; the others wait
+        print(f"model {c['ckpt']} loaded on {session.dev}; pieces go to {out}")
+        common.stop_on_sigterm()
+        demo.launch(server_name=c["host"], server_port=c["port"] or None, share=c["share"], allowed_paths=[out],
                     footer_links=["api"], quiet=False)
     except OSError as e:
         raise UserError(f"cannot listen on {c['host']}:{c['port']} ({e}): choose another --port") from None
     except KeyboardInterrupt:
-        raise common.stopped("the pieces made are in " + os.path.abspath(c["out"])) from None
+        raise common.stopped("the pieces made are in " + out) from None
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
     return 0
 
 

@@ -11,6 +11,7 @@ configuration; a run that would exceed cap_seconds is stopped and reported as su
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -185,6 +186,8 @@ def run_part(args, cap):
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=cap)
     except subprocess.TimeoutExpired:
         return dict(capped=True)
+    if out.returncode in (130, -signal.SIGINT, -signal.SIGTERM):
+        raise KeyboardInterrupt          # the measurement was stopped: so is the benchmark, nothing after it starts
     if out.returncode != 0:
         return dict(error=(out.stderr.strip().splitlines() or ["?"])[-1][:200])
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -435,7 +438,7 @@ def long_ce_part(c, dev):
 
 
 def generate_part(c, dev):
-    """generate.py's path end to end (tokens with cfg 3, streamed codec decode, MP3 written as it is made),
+    """generate.py's path end to end (tokens with its default sampling, streamed codec decode, MP3 written as it is made),
     decode_steps per prompt at batch 1 and 4, and the time until the first second of audio is on disk; for
     each of generate_modes (decode=compile twice: its first piece in a process compiles, the second not)."""
     import model as M
@@ -452,16 +455,16 @@ def generate_part(c, dev):
 
 
 def timed_piece(net, codec, batch, steps, mode, dev):
-    """One generate.py piece of `steps` per prompt for `batch` prompts (cfg 3, top-k 250, MP3s written as
-    they are made, through generate.Pieces): seconds in all, and until the first second of audio was
-    written."""
+    """One generate.py piece of `steps` per prompt for `batch` prompts (generate.py's default sampling, with
+    guidance; MP3s written as they are made, through generate.Pieces): seconds in all, and until the first
+    second of audio was written."""
     import tempfile
     import generate
     info = dict(step=0, weights="ema", cond_dropout=0.1, data=dict(codec="untrained:seed=0", typical_scale=0.1))
     session = generate.Session(net, info, random_text, codec, dev, next(net.parameters()).dtype)
     with tempfile.TemporaryDirectory() as tmp:
-        c = dict(common.settings(vars(generate)), prompt=["x"], num_samples=batch, seconds=steps / common.FRAME_RATE,
-                 decode=mode, out=tmp, window_stride=18.0)
+        c, _ = session.sampling(dict(common.settings(vars(generate)), prompt=["x"], num_samples=batch,
+                                     seconds=steps / common.FRAME_RATE, decode=mode, out=tmp, window_stride=18.0))
         sync(dev)
         t, first = time.time(), None
         for _ in generate.Pieces(session, c):
@@ -568,16 +571,20 @@ def learning_section(c, sub, rate):
                                "(../shared/devcorpus/README.md) and compress it with --clip_seconds=10")
     found = {config: sub(dict(part="learning", learning_config=config), 100 * c["cap_seconds"]) for config in c["learning_configs"].split("|")}
     base = next((r for r in found.values() if "val_loss" in r), {})
-    rows = [["configuration", "validation loss (within / beyond the training length)", "conditioning gap", "FAD", "KAD (× 1000)",
-             "label adherence", "last training loss", "training time"]]
+    rows = [["configuration", "validation loss (within / beyond the training length)", "conditioning gap (labels exchanged / "
+             "empty text)", "adherence at cfg 1", "the run's sampling: KAD (× 1000), adherence", "FAD", "last training loss",
+             "training time"]]
     for config, r in found.items():
         if "val_loss" not in r:
-            rows.append([config or "(defaults)", f"failed: {r.get('error', 'capped')}", "", "", "", "", "", ""])
+            rows.append([config or "(defaults)", f"failed: {r.get('error', 'capped')}"] + [""] * 6)
             continue
+        unguided = next((x for x in r.get("sampling_scores", []) if x["sampling"]["cfg"] == 1), {})
+        chosen = decoding.describe(r["sampling"]).replace(" (off)", "") if r.get("sampling") else "?"
         rows.append([config or "(defaults)", f"{r['val_loss']:.3f} ({r['within']:.3f} / {r['beyond']:.3f})",
-                     f"{r.get('conditioning_gap', float('nan')):+.3f}", f"{r['fad']:.2f}", f"{r['kad']:.2f}",
-                     "–" if r.get("adherence") is None else f"{r['adherence']:.2f}", f"{r['loss']:.3f}",
-                     f"{r['train_s'] / 60:.1f} min"])
+                     f"{r.get('conditioning_gap', float('nan')):+.3f} / {r['val_loss_empty'] - r['val_loss']:+.3f}",
+                     "–" if unguided.get("adherence") is None else f"{unguided['adherence']:.2f}",
+                     f"{chosen}: {r['kad']:.1f}, " + ("–" if r.get("adherence") is None else f"{r['adherence']:.2f}"),
+                     f"{r['fad']:.2f}", f"{r['loss']:.3f}", f"{r['train_s'] / 60:.1f} min"])
         print(rows[-1], flush=True)
     refs = (f"Baselines on the same validation clips: unigram {base.get('baseline_unigram', float('nan')):.3f}, bigram "
             f"{base.get('baseline_bigram', float('nan')):.3f} nats. Samples against the validation clips, references: real training clips FAD {base.get('fad_real', float('nan')):.2f}, "
@@ -588,7 +595,11 @@ def learning_section(c, sub, rate):
              f"({c['learning_model']}) on {c['learning_data']}\n"] + table(rows) + ["", refs,
             "Validation loss: the run's final evaluation (its first 64 validation clips from their start, seq_len steps); within / "
             "beyond: the same clips scored in one pass over twice the training length, steps 0 to seq_len−1 and seq_len to "
-            "2·seq_len−1. Each configuration in a fresh process, one after the other.\n"])
+            "2·seq_len−1. Conditioning gap: the validation loss with each clip's label exchanged for another's, and with the "
+            "empty text, minus with its own. Samples: 32 of 10 s for the validation clips' labels at each setting of the run's "
+            "sampling_grid; adherence at cfg 1 is without guidance; the run's sampling is the setting its last evaluation chose "
+            "(lowest KAD among those within reach of the best adherence). Each configuration in a fresh process, one after the "
+            "other.\n"])
 
 
 def table(rows):
@@ -705,8 +716,8 @@ def generate_section(c, sub, rate):
             {"1": ", first piece: compiling included", "2": ", second piece"}[piece] if v["mode"] == "compile" else "")
         rows.append([how, batch.removeprefix("batch"), f"{v['total_s']:.1f} s",
                      f"{c['decode_steps'] / 150 / v['total_s']:.2f}×", f"{v['first_audio_s']:.1f} s"])
-    return ([f"### generate.py's path end to end: {c['decode_steps'] / 150:g} s per prompt (cfg 3, bfloat16 weights, "
-             "streamed codec decode, MP3 written as it is made)\n"] + table(rows) + [""])
+    return ([f"### generate.py's path end to end: {c['decode_steps'] / 150:g} s per prompt (generate.py's default sampling: "
+             f"{decoding.describe(decoding.SAMPLING)}; bfloat16 weights, streamed codec decode, MP3 written as it is made)\n"] + table(rows) + [""])
 
 
 def encode_section(c, sub, rate):
@@ -744,8 +755,12 @@ def main(argv):
     passed = ("decode_steps", "rounds", "modes", "generate_modes", "long_steps", "long_ce_steps", "encode_clips", "encode_seconds",
               "compress_clips", "learning_data", "learning_steps", "learning_model")
     sub = lambda args, limit=c["cap_seconds"]: run_part(dict(args, device=dev, **{k: c[k] for k in passed}), limit)
-    for part in parts:
-        lines += SECTIONS[part](c, sub, rate)
+    common.stop_on_sigterm()
+    try:
+        for part in parts:
+            lines += SECTIONS[part](c, sub, rate)
+    except KeyboardInterrupt:
+        raise common.stopped(f"nothing was written to {c['output']} (it is written once every part has run)") from None
     if not os.path.exists(c["output"]):
         with open(c["output"], "w") as f:
             f.write("# Benchmarks\n\nWritten by `python bench.py`. Figures from different machines are in separate sections "

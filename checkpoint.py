@@ -11,6 +11,7 @@ from dataclasses import asdict
 import torch
 
 import common
+import decoding
 import model as M
 from common import UserError
 
@@ -18,7 +19,7 @@ CHECKPOINT_FORMAT = 1
 EXPORT_FORMAT = "music-transformer/1"
 # settings a checkpoint may predate, with the value every model had before them (a rule of the loader, not
 # a second default: ModelConfig's defaults are for new runs)
-PREDATED = dict(positions="absolute")
+PREDATED = dict(positions="absolute", global_text=False)
 
 
 def model_config(stored):
@@ -48,6 +49,11 @@ def load_checkpoint(path, device="cpu"):
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception:
         ckpt = None   # torch's own message suggests unsafe loading: never repeat that advice
+        import zipfile
+        with open(path, "rb") as f:
+            if f.read(4) == b"PK\x03\x04" and not zipfile.is_zipfile(path):   # torch's zip format, cut short
+                raise UserError(f"{path} is damaged or incomplete (a checkpoint cut short: an interrupted copy?): copy it "
+                                "again, or use another one") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "model_config" not in ckpt:
         raise UserError(f"{path} is not a checkpoint written by this project's deploy.py (it is not a file of plain "
                         "tensors in its format): check the path")
@@ -76,11 +82,15 @@ def _read_export(folder):
     if not all(os.path.exists(f) for f in files):
         raise UserError(f"{folder} is a folder without ckpt.pt, config.json or model.safetensors: give a ckpt.pt, a "
                         "run folder or a folder written by export.py")
+    text = ""
     try:
         with open(files[0], encoding="utf-8") as f:
-            info = json.load(f)
+            text = f.read()
+        info = json.loads(text)
     except (ValueError, OSError) as e:
-        raise UserError(f"{files[0]} is not readable JSON ({type(e).__name__}: {str(e)[:120]})") from None
+        cut = text.lstrip().startswith("{")           # JSON that begins as it should: cut short
+        raise UserError(f"{files[0]} is " + ("damaged or incomplete (JSON cut short: an interrupted copy?): copy the folder "
+                                             "again" if cut else f"not readable JSON ({type(e).__name__}: {str(e)[:120]})")) from None
     if not isinstance(info, dict) or info.get("format") != EXPORT_FORMAT:
         raise UserError(f"{files[0]} is not a model exported by this project's export.py")
     kinds = dict(model=dict, text_encoder=str, cond_dropout=(int, float), step=int)
@@ -92,7 +102,8 @@ def _read_export(folder):
     try:
         return info, load_file(files[1])
     except Exception as e:
-        raise UserError(f"{files[1]} is unreadable ({type(e).__name__}: {str(e)[:120]})") from None
+        raise UserError(f"{files[1]} is damaged or incomplete ({type(e).__name__}: {str(e)[:100]}): copy the folder again, "
+                        "or export the model again") from None
 
 
 def load_model(path, ema=True, device="cpu"):
@@ -107,17 +118,22 @@ def load_model(path, ema=True, device="cpu"):
     if os.path.isdir(path):
         info, weights = _read_export(path)
         stored = info["model"]
+        info.setdefault("sampling", None)
     else:
         ckpt = load_checkpoint(path)
         use_ema = ema and ckpt.get("ema") is not None
         weights, stored = ckpt["ema" if use_ema else "model"], ckpt["model_config"]
         info = dict(text_encoder=ckpt["config"]["text_encoder"], data=ckpt["data"], step=ckpt["step"],
                     cond_dropout=ckpt["config"].get("cond_dropout", 0.0), weights="ema" if use_ema else "raw",
-                    seq_len=ckpt["config"].get("seq_len"))
+                    seq_len=ckpt["config"].get("seq_len"), sampling=ckpt.get("sampling"))
     try:
         cfg = model_config(stored)
     except (ValueError, TypeError) as e:
         raise UserError(f"{path}: the model settings stored with it are not valid ({e}): was it edited?") from None
+    try:    # the run's own sampling settings, where its evaluation chose them
+        info["sampling"] = info["sampling"] and {k: decoding.sampling_value(k, info["sampling"][k]) for k in decoding.SAMPLING_RANGES}
+    except (ValueError, TypeError, KeyError) as e:
+        raise UserError(f"{path}: the sampling settings stored with it are not valid ({e}): was it edited?") from None
     stored = sum(v.numel() for k, v in weights.items() if torch.is_tensor(v) and not k.endswith("projection"))
     if stored != cfg.num_params():
         raise UserError(f"{path}: the weights do not match the model settings stored with them ({stored:,} "
@@ -163,7 +179,7 @@ class TextEncoder:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
             self.model = AutoModel.from_pretrained(path).eval().to(device)
         except Exception as e:
-            raise UserError(f"could not load the text encoder {name!r} ({type(e).__name__}: {str(e).splitlines()[0][:160]}). "
+            raise UserError(f"could not load the text encoder {name!r} ({type(e).__name__}: {common.first_line(e, 160)}). "
                             f"Without internet use the default --text_encoder={DEFAULT_TEXT_ENCODER}, or a local folder "
                             "holding a Hugging Face BERT-family model") from None
         for p in self.model.parameters():
@@ -187,6 +203,16 @@ class TextEncoder:
             self.warned = True
             print(f"NOTE: {len(long)} text(s) are longer than the text encoder's limit of {self.MAX_TOKENS} tokens and are "
                   f"cut to it, e.g. {long[0][:60]!r}...")
+
+    def cut(self, texts):
+        """{index: (what the model reads of the text, the rest)} for each text longer than MAX_TOKENS tokens."""
+        out = {}
+        for i, text in enumerate(texts):
+            enc = self.tokenizer(text, return_offsets_mapping=True)
+            if len(enc["input_ids"]) > self.MAX_TOKENS:
+                end = enc["offset_mapping"][self.MAX_TOKENS - 2][1]     # the last token kept before the closing [SEP]
+                out[i] = (text[:end], text[end:].strip())
+        return out
 
     def __call__(self, texts, device=None):
         """texts (list of str) → states (B, L, dim) float32 and mask (B, L) bool, on `device`."""

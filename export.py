@@ -29,7 +29,7 @@ def export(ckpt_path, out_dir, ema=True):
     data = {k: v for k, v in info["data"].items() if k not in ("shards", "validation")}   # what generate.py needs
     config = dict(format=checkpoint.EXPORT_FORMAT, model=info["model"], text_encoder=info["text_encoder"], data=data,
                   cond_dropout=info["cond_dropout"], step=info["step"], weights=info["weights"], seq_len=info.get("seq_len"),
-                  sample_rate=common.SAMPLE_RATE, frame_rate=common.FRAME_RATE)
+                  sampling=info.get("sampling"), sample_rate=common.SAMPLE_RATE, frame_rate=common.FRAME_RATE)
     from safetensors.torch import save_file
     os.makedirs(out_dir, exist_ok=True)
     weights = os.path.join(out_dir, "model.safetensors")
@@ -67,7 +67,7 @@ def upload(out_dir, repo):
         api.upload_folder(folder_path=out_dir, repo_id=repo)
     except Exception as e:
         raise UserError(f"could not upload {out_dir} to the Hugging Face Hub as {repo} ({type(e).__name__}: "
-                        f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}): it needs internet and a login "
+                        f"{common.first_line(e, 160)}): it needs internet and a login "
                         "(huggingface-cli login); the exported folder itself is complete") from None
 
 

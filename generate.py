@@ -32,10 +32,12 @@ ema = True                   # use the checkpoint's EMA weights (false: the raw 
 prompt = []                  # text descriptions; repeat --prompt for several (generated together as one batch)
 seconds = 10.0               # length of each piece (with --continue_from: including the prompt audio)
 num_samples = 1              # pieces per prompt
-top_k = 250                  # sample among the k most likely codes (1..1024)
-top_p = 1.0                  # ... and within this probability mass (1.0: off)
-temperature = 1.0            # < 1: safer, > 1: wilder
-cfg = 3.0                    # classifier-free guidance strength (1.0: off)
+top_k = "auto"               # sample among the k most likely codes (0: all of them); auto: the model's own choice, else 0
+top_p = "auto"               # ... and within this probability mass (1.0: off); auto: the model's own, else 1.0
+temperature = "auto"         # < 1: safer, > 1: wilder; auto: the model's own, else 1.0
+cfg = "auto"                 # classifier-free guidance strength (1.0: off); auto: the model's own, else 2.0
+# ("the model's own": the settings its training run's last evaluation chose, scoring its samples against its
+# validation clips; README: "Generating")
 seed = 0                     # the same seed gives the same audio
 window_stride = 18.0         # models with absolute positions go past max_len by windows: a new one every this many seconds
 out = "samples"              # output folder
@@ -52,17 +54,29 @@ device = "auto"              # auto (cuda when available), cpu, cuda
 # -----------------------------------------------------------------------------
 
 
+MAX_PROMPT_CHARACTERS = 500   # the longest prompt taken (the text encoder reads its first 64 tokens: about 250 characters)
+
+
 def validate(c):
     """Every input check that needs no model, so mistakes fail in a second."""
     if not c["prompt"]:
         raise UserError('no prompt: give at least one, e.g. --prompt="chill lofi, relaxed", and the model with '
                         f'--ckpt=RUN_FOLDER (deploy.py\'s --out, or its ckpt.pt, or a folder of export.py){found_here()}')
+    long = [i for i, text in enumerate(c["prompt"], 1) if len(text) > MAX_PROMPT_CHARACTERS]
+    if long:
+        raise UserError(f"prompt {long[0]} is {len(c['prompt'][long[0] - 1]):,} characters long: a prompt may have up to "
+                        f"{MAX_PROMPT_CHARACTERS} (the model reads about the first 250)")
     if not os.path.exists(c["ckpt"]):
         raise UserError(f"no model at --ckpt={c['ckpt']}: give a run folder of deploy.py (its --out), its ckpt.pt, or a "
                         f"folder written by export.py{found_here()}")
-    common.check_ranges(c, dict(seconds="(0, 36000]", num_samples="[1, 1000]", top_k="[1, 1024]", top_p="(0, 1]",
-                                temperature="[0.01, 100]", cfg="[1, 100]", gain_db="[-60, 60]", seed="[0, 9.2e18]",
+    common.check_ranges(c, dict(seconds="(0, 36000]", num_samples="[1, 1000]", gain_db="[-60, 60]", seed="[0, 9.2e18]",
                                 window_stride="(0, 36000]"))
+    for name in decoding.SAMPLING_RANGES:
+        if c[name] != "auto":
+            try:
+                c[name] = decoding.sampling_value(name, c[name])
+            except ValueError as e:
+                raise UserError(f"{e} (or auto: the model's own choice)") from None
     if round(c["seconds"] * common.FRAME_RATE) < 1:
         raise UserError(f"seconds={c['seconds']} is shorter than one codec step (1/{common.FRAME_RATE} s): ask for more")
     for name, allowed in (("format", ("mp3", "wav")), ("decode", ("auto", "eager", "compile", "graph")),
@@ -75,7 +89,7 @@ def validate(c):
         try:
             seconds = common.audio_seconds(c["continue_from"])
         except (ValueError, OSError) as e:
-            raise UserError(f"cannot read --continue_from={c['continue_from']!r} as audio ({str(e).strip().splitlines()[0][:120]})") from None
+            raise UserError(f"cannot read --continue_from={c['continue_from']!r} as audio ({common.first_line(e)})") from None
         if seconds is not None and seconds < 1:
             raise UserError(f"--continue_from={c['continue_from']!r} holds {seconds:.2f} s of audio: give at least 1 s")
 
@@ -119,10 +133,22 @@ class Session:
         return cls(model, info, checkpoint.TextEncoder(info["text_encoder"], device),
                    common.codec_for(info["data"], codec_weights, device), device, dtype, ckpt)
 
+    def sampling(self, c):
+        """c with its sampling settings that are auto filled in: the model's own choice (its run's last
+        evaluation), else decoding's defaults; and a line that says which it used."""
+        own = self.info.get("sampling")
+        fill = own or decoding.default_sampling(self.info["cond_dropout"])
+        auto = [k for k in decoding.SAMPLING_RANGES if c[k] == "auto"]
+        c = dict(c, **{k: fill[k] for k in auto})
+        where = ("the model's own choice (its run's last evaluation)" if own else
+                 "the defaults (the model's run did not choose its own)") if auto else "as given"
+        return c, f"sampling: {decoding.describe({k: c[k] for k in decoding.SAMPLING_RANGES})}; " + (
+            f"{', '.join(auto)} from {where}" if auto else "all as given")
+
     def check(self, c):
         """What a request asks that this model cannot do, as one line."""
         if c["cfg"] != 1 and self.info["cond_dropout"] <= 0:
-            raise UserError("this model was trained with cond_dropout=0, so it has no unconditional mode: use --cfg=1")
+            raise UserError("this model was trained with cond_dropout=0, so it has no unconditional mode: guidance (cfg) must be 1")
         check_device(c, self.dev)
 
 
@@ -143,6 +169,7 @@ class Pieces:
         self.codes = torch.full((len(self.prompts), model_cfg.n_q, self.steps), M.UNKNOWN, dtype=torch.long, device=session.dev)
         self.scale = data["typical_scale"]
         if c["continue_from"]:
+            print(f"continuing {c['continue_from']}: reading its last {model_cfg.max_len / common.FRAME_RATE:g} s at most")
             given, self.scale = prompt_codes(c, session.codec, model_cfg, self.steps, session.dev)
             self.codes[..., :given.shape[-1]] = given
         names = [n + (f"_{i}" if c["num_samples"] > 1 else "") for n in common.file_names(c["prompt"]) for i in range(c["num_samples"])]
@@ -223,7 +250,7 @@ def prompt_codes(c, codec, model_cfg, steps, dev):
     try:
         wav = common.load_audio(c["continue_from"], last_seconds=window)
     except Exception as e:
-        raise UserError(f"cannot read --continue_from={c['continue_from']!r} ({str(e).strip().splitlines()[0][:120]})") from None
+        raise UserError(f"cannot read --continue_from={c['continue_from']!r} ({common.first_line(e)})") from None
     segments = common.whole_segments(wav.shape[1])
     if segments == 0 or segments * common.SEGMENT_STEPS >= steps:
         raise UserError(f"--continue_from must hold at least 1 s of audio and be shorter than --seconds={c['seconds']}")
@@ -240,6 +267,8 @@ def main(argv):
     rows = len(c["prompt"]) * c["num_samples"] * (2 if c["cfg"] != 1 else 1)
     check_device(c, dev)                        # before the model is loaded
     session = Session.load(c["ckpt"], c["ema"], dev, weights_dtype(c["decode_dtype"], dev, rows), c["codec_weights"])
+    c, line = session.sampling(c)
+    print(line)
     session.check(c)
     if session.info["data"]["codec"].startswith("untrained"):
         print(f"NOTE: this model was trained on tokens of the untrained codec ({session.info['data']['codec']}): the audio "

@@ -46,6 +46,7 @@ class ModelConfig:
     rezero: bool = True                # ReZero residual gates (no LayerNorm inside blocks)
     shift_tokens: bool = True          # half the features of each position come from the previous one
     reversible: bool = True
+    global_text: bool = False          # also add the label's pooled state to every step's input (global conditioning)
     text_dim: int = 384                # width of the text encoder's states
     feature_redraw_interval: int = 1000  # training steps between random-feature redraws (0: never)
     chunk_size: int = 128              # FAVOR+ chunk length
@@ -94,8 +95,8 @@ class ModelConfig:
         layer = (linear(dim, 3 * inner) + linear(inner, dim)                  # self-attention
                  + linear(dim, inner) + linear(dim, 2 * inner) + linear(inner, dim)   # cross-attention
                  + 2 * (linear(dim, wide) + linear(wide, dim)) + 4 * branch)     # two feed-forwards, four branches
-        return (self.n_q * (self.vocab + 1) * dim + linear(self.text_dim, dim) + self.depth * layer
-                + 2 * dim + linear(dim, self.n_q * self.vocab))
+        return (self.n_q * (self.vocab + 1) * dim + linear(self.text_dim, dim) * (2 if self.global_text else 1)
+                + self.depth * layer + 2 * dim + linear(dim, self.n_q * self.vocab))
 
 
 _KINDS = {bool: "true or false", int: "a whole number", float: "a number", str: "a text"}
@@ -631,6 +632,7 @@ class MusicTransformer(nn.Module):
         self.embed = nn.ModuleList([nn.Embedding(cfg.vocab + 1, cfg.dim) for _ in range(cfg.n_q)])
         self.drop = nn.Dropout(cfg.dropout)
         self.text_proj = nn.Linear(cfg.text_dim, cfg.dim)
+        self.text_global = nn.Linear(cfg.text_dim, cfg.dim) if cfg.global_text else None
         blocks = []
         for _ in range(cfg.depth):
             blocks.append(ReversibleBlock(Residual(cfg, SelfAttention(cfg), shift=True), Residual(cfg, FeedForward(cfg), shift=True)))
@@ -659,14 +661,26 @@ class MusicTransformer(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def _embed(self, tokens, positions):
-        """tokens (B, n_q, T) at `positions` (T,) → (B, T, dim), and the rotary table."""
+    def _embed(self, tokens, positions, text_bias=None):
+        """tokens (B, n_q, T) at `positions` (T,) → (B, T, dim), and the rotary table. text_bias (B, 1, dim):
+        the global text conditioning, added to every step."""
         x = self.embed[0](tokens[:, 0])
         for k in range(1, self.cfg.n_q):
             x = x + self.embed[k](tokens[:, k])
         if self.cfg.positions == "absolute":
             x = x + sinusoid(positions, self.embed_freqs, x.dtype)
+        if text_bias is not None:
+            x = x + text_bias
         return self.drop(x), rotary_table(positions, self.rotary_freqs, x.dtype)
+
+    def _text_bias(self, text, text_mask):
+        """Global conditioning: the mean of the label's states over its tokens, projected, (B, 1, dim); None
+        without global_text."""
+        if self.text_global is None:
+            return None
+        mask = text_mask[..., None].to(text.dtype)
+        pooled = (text * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp_min(1)
+        return self.text_global(pooled.to(self.text_global.weight.dtype))
 
     def _logits(self, x):
         x = self.norm(x)
@@ -676,7 +690,8 @@ class MusicTransformer(nn.Module):
     def forward(self, tokens, text, text_mask, start=0):
         """tokens (B, n_q, T) in 0..vocab (vocab = start), text (B, L, text_dim), text_mask (B, L) bool
         → logits (B, n_q, T, vocab). start: the position of the first token (positions start..start+T-1)."""
-        x, rot = self._embed(tokens, torch.arange(start, start + tokens.shape[-1], device=tokens.device))
+        x, rot = self._embed(tokens, torch.arange(start, start + tokens.shape[-1], device=tokens.device),
+                             self._text_bias(text, text_mask))
         text = self.text_proj(text)
         ctx = dict(rotary=rot, text=text, text_mask=text_mask)
         if self.cfg.reversible and torch.is_grad_enabled():
@@ -697,13 +712,15 @@ class MusicTransformer(nn.Module):
     def init_state(self, batch, device, dtype=torch.float32):
         """Decoding state for `batch` sequences, allocated once: per layer the FAVOR+ sums (B, H, D+1, F) and
         their stabiliser (B, H), a ring of the local heads' last local_window keys and values, the
-        token-shift input, the text's keys and values; the position, as a tensor; and the additive masks of
+        token-shift input, the text's keys and values (and its global bias); the position, as a tensor; and the additive masks of
         step's attention, (1, slots): 0 on the key slots written so far, -inf on the others, kept up to date
         by one operation a step."""
         unwritten = lambda n: torch.full((1, n), float("-inf"), dtype=dtype, device=device)
         state = dict(pos=torch.zeros(1, dtype=torch.long, device=device), ring=unwritten(self.cfg.local_window))
         if self.cfg.attention == "softmax":
             state["seen"] = unwritten(self.window())
+        if self.cfg.global_text:
+            state["text_bias"] = torch.zeros(batch, 1, self.cfg.dim, dtype=dtype, device=device)
         return dict(state, layers=[(block.f.init_state(batch, device, dtype, self.window()),
                              block.g.init_state(batch, device, dtype, self.window())) for block in self.blocks])
 
@@ -711,7 +728,10 @@ class MusicTransformer(nn.Module):
     def prefill(self, tokens, text, text_mask, state):
         """Run a prompt (B, n_q, T) through the chunked (parallel) form, writing the state it ends in;
         returns the last position's logits (B, n_q, vocab)."""
-        x, rot = self._embed(tokens, torch.arange(tokens.shape[-1], device=tokens.device))
+        bias = self._text_bias(text, text_mask)
+        if bias is not None:
+            _keep(state, "text_bias", bias)            # once per prompt, added at every step
+        x, rot = self._embed(tokens, torch.arange(tokens.shape[-1], device=tokens.device), bias)
         ctx = dict(rotary=rot, text=self.text_proj(text.to(self.text_proj.weight.dtype)), text_mask=text_mask)
         x1 = x2 = x
         for block, layer_state in zip(self.blocks, state["layers"]):
@@ -727,7 +747,7 @@ class MusicTransformer(nn.Module):
         """Feed one step (B, n_q) after prefill or step; returns logits (B, n_q, vocab). The same cost and
         memory at every position; only tensor operations, so one step can be captured as a CUDA graph."""
         pos = state["pos"]
-        x, rot = self._embed(tokens[..., None], pos)
+        x, rot = self._embed(tokens[..., None], pos, state.get("text_bias"))
         slot = pos % self.cfg.local_window
         ctx = dict(step=True, rotary=rot, pos=pos, slot=slot, ring=state["ring"].index_fill_(1, slot, 0.0))
         if self.cfg.attention == "softmax":

@@ -146,6 +146,38 @@ def kad(a, b, bandwidth):
     return float(1000 * mmd)
 
 
+def code_statistics(clips, segment=150):
+    """What the codes themselves say, beside the latent's FAD/KAD: `repeats`, the share of codes equal to the
+    previous step's code of the same codebook (a sampler that truncates the distribution repeats itself),
+    and `distinct_per_s`, the distinct codes of codebook 0 in each second (segment), averaged. Clips
+    [(n_q, T)]; padding (< 0) is left out."""
+    same, pairs, distinct = 0, 0, []
+    for c in clips:
+        c = np.asarray(c)
+        c = c[:, :int((c >= 0).all(0).cumprod().sum())]
+        same += int((c[:, 1:] == c[:, :-1]).sum())
+        pairs += c[:, 1:].size
+        distinct += [len(np.unique(c[0, s:s + segment])) for s in range(0, c.shape[1] - segment + 1, segment)]
+    return dict(repeats=round(same / max(1, pairs), 5), distinct_per_s=round(float(np.mean(distinct)), 2) if distinct else None)
+
+
+ADHERENCE_REACH = 0.1   # sampling settings whose samples' adherence is this close to the best one's are "within reach"
+
+
+def choose_sampling(scored):
+    """scored: [(sampling settings, their samples' scores)] → the settings whose samples are closest to the
+    real clips (lowest KAD) among those whose label adherence is within ADHERENCE_REACH of the best: sounding
+    like the data first, following the label as well as any setting does. Where adherence is not measurable,
+    the lowest KAD; None where nothing was measured."""
+    scored = [(s, r) for s, r in scored if r.get("kad") is not None]
+    if not scored:
+        return None
+    adherence = [r["adherence"] for _, r in scored if r.get("adherence") is not None]
+    best = max(adherence) if adherence else None
+    reach = [(s, r) for s, r in scored if best is None or (r.get("adherence") or 0) >= best - ADHERENCE_REACH - 1e-9]
+    return min(reach, key=lambda sr: sr[1]["kad"])[0]
+
+
 def median_distance(x):
     x = torch.as_tensor(np.asarray(x), dtype=torch.float64)
     d = torch.cdist(x, x)
@@ -162,7 +194,7 @@ class Reference:
     of unigram noise), and the label centroids from (more) training clips' mean vectors."""
 
     def __init__(self, codec, real_clips, val_clips, val_labels, noise_clips, train_clips, train_labels):
-        self.codec = codec
+        self.codec, self.val_clips, self.val_labels = codec, val_clips, val_labels
         self.val = np.concatenate(latent_segments(codec, val_clips))
         self.bandwidth = median_distance(self.val)
         real = np.concatenate(latent_segments(codec, real_clips))
@@ -175,8 +207,15 @@ class Reference:
         self.labels = sorted(t for t, n in counts.items() if n >= MIN_CLIPS_PER_LABEL)
         self.centroids = np.stack([means[[i for i, t in enumerate(train_labels) if t == label]].mean(0) / self.scale
                                    for label in self.labels]) if len(self.labels) > 1 else None
+        shared = sorted(set(val_labels) & set(self.labels))
+        self.unmeasurable = (f"fewer than two labels with {MIN_CLIPS_PER_LABEL} training clips each"
+                             if self.centroids is None else None if shared else
+                             f"{len(self.labels)} labels have {MIN_CLIPS_PER_LABEL} training clips or more, but no validation "
+                             "clip compared carries one of them")
         self.references.update(adherence_real=self.adherence(val_clips, val_labels),
                                adherence_chance=round(1 / len(self.labels), 5) if self.centroids is not None else None)
+        self.references.update({f"{k}_real": v for k, v in code_statistics(val_clips).items()})
+        self.references.update({f"{k}_noise": v for k, v in code_statistics(noise_clips).items()})
 
     def classify(self, clips):
         means = np.stack([s.mean(0) for s in latent_segments(self.codec, clips)]) / self.scale
@@ -194,7 +233,8 @@ class Reference:
         return round(float(np.mean([f == t for f, (_, t) in zip(found, kept)])), 5)
 
     def score(self, sample_clips, prompts):
-        """FAD, KAD and adherence of samples (codes, made for `prompts`) against the validation clips."""
+        """FAD, KAD, adherence and the code statistics of samples (codes, made for `prompts`) against the
+        validation clips."""
         vectors = np.concatenate(latent_segments(self.codec, sample_clips))
         return dict(fad=_rounded(fad(vectors, self.val)), kad=_rounded(kad(vectors, self.val, self.bandwidth)),
-                    adherence=self.adherence(sample_clips, prompts))
+                    adherence=self.adherence(sample_clips, prompts), **code_statistics(sample_clips))

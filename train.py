@@ -132,13 +132,39 @@ def make_reference(data, c, data_info, vocab, device, max_clips=1000):
 
 
 @torch.no_grad()
-def score_samples(model, text_encoder, reference, prompts, c, device, batch=16):
-    """FAD, KAD and label adherence of samples made for the fixed prompts, with fixed seeds (the same
-    noise at every evaluation, so the curves compare weights, not luck)."""
+def sample_codes(model, text_encoder, prompts, steps, device, seed, sampling, batch=16):
+    """Codes (N, n_q, steps) of samples for `prompts`, batch by batch, with fixed seeds (seed + the batch's first
+    index): the same noise at every evaluation, so the curves compare weights and settings, not luck."""
+    return torch.cat([decoding.sample(model, text_encoder, prompts[i:i + batch], steps, device, seed=seed + i, **sampling).cpu()
+                      for i in range(0, len(prompts), batch)])
+
+
+@torch.no_grad()
+def nll(model, text_encoder, clips, texts, device, batch=16):
+    """The model's mean cross-entropy (nats) of clips [(n_q, T)] given their texts, teacher-forced: of its
+    own samples, how sure it is of what it made (well below the real clips' figure: the sampler picks
+    what it already found likely, as truncation does); of real clips, the validation loss over them."""
+    total, count = 0.0, 0
+    for i in range(0, len(clips), batch):
+        codes = torch.as_tensor(np.stack([np.asarray(c) for c in clips[i:i + batch]])).long()
+        tokens, targets, text, mask = batch_tensors(codes, list(texts[i:i + batch]), text_encoder, model.cfg.pattern,
+                                                    model.cfg.vocab, device)
+        _, per_codebook = M.codebook_loss(model(tokens, text, mask), targets)
+        total, count = total + per_codebook.mean().item() * len(codes), count + len(codes)
+    return round(total / max(1, count), 5)
+
+
+def score_samples(model, text_encoder, reference, prompts, c, device, sampling):
+    """Samples made for the fixed prompts with `sampling`, scored against the real clips: FAD, KAD, label
+    adherence, the code statistics (repeats, distinct codes per second) and the model's NLL of them."""
     steps = max(1, round(c.quality_seconds)) * common.SEGMENT_STEPS
-    codes = [decoding.sample(model, text_encoder, prompts[i:i + batch], steps, device, seed=c.seed + i,
-                      cfg=3.0 if c.cond_dropout > 0 else 1.0).cpu() for i in range(0, len(prompts), batch)]
-    return reference.score([x.numpy() for x in torch.cat(codes)], prompts)
+    codes = sample_codes(model, text_encoder, prompts, steps, device, c.seed, sampling)
+    return dict(reference.score(list(codes.numpy()), prompts), sample_nll=nll(model, text_encoder, codes, prompts, device))
+
+
+def score_grid(model, text_encoder, reference, prompts, c, device, grid):
+    """[(sampling, its scores)] for each sampling settings of `grid`, and the real clips' NLL (a row of its own)."""
+    return [(s, score_samples(model, text_encoder, reference, prompts, c, device, s)) for s in grid]
 
 
 def n(x):
@@ -146,23 +172,47 @@ def n(x):
     return "–" if x is None else f"{x:.3g}"
 
 
-class Evaluation:
-    """Rank 0's evaluation every eval_interval steps: the validation loss and the conditioning gap, then the
-    samples' FAD, KAD and label adherence against the references made once at the start."""
+SAMPLE_COLUMNS = [("fad", "FAD"), ("kad", "KAD"), ("adherence", "adherence"), ("repeats", "repeats"),
+                  ("distinct_per_s", "distinct codes/s"), ("sample_nll", "NLL of own samples")]
 
-    def __init__(self, data, c, data_info, text_encoder, vocab, device, autocast, monitor, new_run):
+
+def sampling_table(scored, references, chosen=None):
+    """The sampling study's table: a row per setting, beside the real clips' and the unigram noise's rows."""
+    real = dict(fad=references.get("fad_real"), kad=references.get("kad_real"), adherence=references.get("adherence_real"),
+                repeats=references.get("repeats_real"), distinct_per_s=references.get("distinct_per_s_real"),
+                sample_nll=references.get("nll_real"))
+    noise = dict(fad=references.get("fad_noise"), kad=references.get("kad_noise"), adherence=references.get("adherence_chance"),
+                 repeats=references.get("repeats_noise"), distinct_per_s=references.get("distinct_per_s_noise"))
+    rows = [("real clips (FAD/KAD: training clips; the rest: validation clips)", real),
+            ("unigram noise (adherence: chance)", noise)]
+    rows += [(decoding.describe(s) + ("   ← chosen" if s == chosen else ""), r) for s, r in scored]
+    width = max(len(name) for name, _ in rows)
+    lines = ["sampling".ljust(width) + "".join(f"  {title:>9}" for _, title in SAMPLE_COLUMNS)]
+    lines += [name.ljust(width) + "".join(f"  {n(r.get(k)):>9}" for k, _ in SAMPLE_COLUMNS) for name, r in rows]
+    return "\n".join(lines)
+
+
+class Evaluation:
+    """Rank 0's evaluation every eval_interval steps: the validation loss and the conditioning gap, then
+    samples made with the run's sampling settings, scored against the references made once at the start.
+    The last evaluation of a run scores every setting of sampling_grid and chooses the run's own (the
+    lowest KAD among those whose label adherence is within reach of the best), which its checkpoint keeps
+    and generate.py and app.py use."""
+
+    def __init__(self, data, c, data_info, text_encoder, vocab, device, autocast, monitor, new_run, chosen):
         self.data, self.c, self.text_encoder, self.device, self.autocast, self.monitor = data, c, text_encoder, device, autocast, monitor
+        self.chosen, self.grid = chosen, sampling_grid(c)
         self.reference, self.prompts = make_reference(data, c, data_info, vocab, device)
         if self.reference is not None and new_run:
             r = self.reference.references
             monitor.log(dict(step=0, **r))
-            print(f"samples will be compared with {len(self.prompts)} validation clips in the codec's latent "
+            print(f"samples will be compared with {len(self.reference.val_clips)} validation clips in the codec's latent "
                   f"({c.quality_seconds:g} s each): real training clips score FAD {n(r['fad_real'])}, KAD {n(r['kad_real'])} "
                   f"(the floor), unigram noise FAD {n(r['fad_noise'])}, KAD {n(r['kad_noise'])}; label adherence of the "
                   + (f"real clips {n(r['adherence_real'])} (chance {n(r['adherence_chance'])})" if r["adherence_real"] is not None
-                     else "clips: not measurable (fewer than two labels with 3 training clips each)"))
+                     else f"clips: not measurable ({self.reference.unmeasurable})"))
 
-    def __call__(self, model, step, best_val):
+    def __call__(self, model, step, best_val, last=False):
         found = evaluate(model, self.data, self.c, self.text_encoder, self.device, self.autocast)
         if found is None:
             return best_val
@@ -173,14 +223,42 @@ class Evaluation:
                "one label (raise val_fraction or eval_clips)")
         print(f"step {step}: validation loss {found['val_loss']:.4f} (best {best_val:.4f}); {gap}")
         if self.reference is not None:
-            found.update(score_samples(model, self.text_encoder, self.reference, self.prompts, self.c, self.device))
-            r = self.reference.references
-            print(f"step {step}: samples FAD {n(found['fad'])} (real {n(r['fad_real'])}, noise {n(r['fad_noise'])}), "
-                  f"KAD {n(found['kad'])} (real {n(r['kad_real'])}, noise {n(r['kad_noise'])}), label adherence "
-                  + (f"{n(found['adherence'])} (real {n(r['adherence_real'])}, chance {n(r['adherence_chance'])})"
-                     if found["adherence"] is not None else "not measurable"))
+            r = self.reference
+            found["nll_real"] = nll(model, self.text_encoder, r.val_clips, r.val_labels, self.device)
+            refs = dict(r.references, nll_real=found["nll_real"])
+            if last and len(self.grid) > 1:
+                scored = score_grid(model, self.text_encoder, r, self.prompts, self.c, self.device, self.grid)
+                self.chosen = quality.choose_sampling(scored) or self.chosen
+                print(f"step {step}: sampling settings scored ({len(self.prompts)} samples each; lower KAD: closer to the "
+                      f"real clips):\n{sampling_table(scored, refs, self.sampling)}")
+                found.update(next(x for s, x in scored if s == self.sampling))
+                found["sampling_scores"] = [dict(sampling=s, **x) for s, x in scored]
+                print(f"step {step}: this run's own sampling: {decoding.describe(self.sampling)} (kept in its checkpoint; "
+                      "generate.py and app.py use it unless told otherwise)")
+            else:
+                found.update(score_samples(model, self.text_encoder, r, self.prompts, self.c, self.device, self.sampling))
+            print(f"step {step}: samples ({decoding.describe(self.sampling)}) FAD {n(found['fad'])} (real {n(refs['fad_real'])}, "
+                  f"noise {n(refs['fad_noise'])}), KAD {n(found['kad'])} (real {n(refs['kad_real'])}, noise {n(refs['kad_noise'])}), "
+                  "label adherence " + (f"{n(found['adherence'])} (real {n(refs['adherence_real'])}, chance "
+                                        f"{n(refs['adherence_chance'])})" if found["adherence"] is not None else "not measurable")
+                  + f"; repeats {n(found['repeats'])} (real {n(refs['repeats_real'])}), distinct codes/s {n(found['distinct_per_s'])} "
+                  f"(real {n(refs['distinct_per_s_real'])}), NLL of own samples {n(found['sample_nll'])} (real clips "
+                  f"{n(refs['nll_real'])})")
+            found["sampling"] = dict(self.sampling)
         self.monitor.log(dict(step=step, **found))
         return best_val
+
+    @property
+    def sampling(self):
+        """The run's sampling settings: its own once chosen, else decoding's defaults."""
+        return self.chosen or decoding.default_sampling(self.c.cond_dropout)
+
+
+def sampling_grid(c):
+    """The sampling settings a run's last evaluation chooses among (deploy.py's sampling_grid, on top of
+    decoding's defaults), without guidance for a model trained without cond_dropout."""
+    grid = decoding.parse_grid(c.sampling_grid, decoding.default_sampling(c.cond_dropout))
+    return [s for s in grid if s["cfg"] == 1 or c.cond_dropout > 0]
 
 
 # -----------------------------------------------------------------------------
@@ -202,7 +280,7 @@ class Monitor:
 
     def __init__(self, out_dir, config, resume_step):
         self.out_dir, self.path = out_dir, os.path.join(out_dir, "metrics.jsonl")
-        self.config, self.records = config, []
+        self.config, self.records, self.plotted = config, [], 0.0
         if resume_step is not None and os.path.exists(self.path):
             with open(self.path, errors="replace") as f:   # drop what a crashed run logged after its last checkpoint
                 self.records = [r for r in map(_json_or_none, f) if r and r.get("step", resume_step + 1) <= resume_step]
@@ -239,15 +317,20 @@ class Monitor:
     def series(self, key):
         return [(r["step"], r[key]) for r in self.records if key in r]
 
-    def plot(self):
-        """loss.png: the losses against the baselines; below them how much the model uses its text; then the
-        samples' KAD and label adherence against their references (where the run measures them)."""
+    def plot(self, every=0):
+        """loss.png (unless the last one is younger than `every` seconds; the page is rewritten either way): the losses against the baselines on top; below, how much the model uses its text, and (where
+        the run scores samples) the samples' KAD, label adherence, repeats, distinct codes and the model's NLL
+        of them, each against the real clips' figure."""
+        if time.time() - self.plotted < every:
+            return self.page()
+        self.plotted = time.time()
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        panels = 4 if self.series("kad") else 2
-        fig, axes = plt.subplots(panels, 1, figsize=(8, 3.5 * panels), sharex=True, height_ratios=(2, 1, 1, 1)[:panels])
-        top, bottom = axes[:2]
+        rows = 4 if self.series("kad") else 2
+        fig = plt.figure(figsize=(11, 3.2 * rows + 1))
+        grid = fig.add_gridspec(rows, 2, height_ratios=(2, 1, 1, 1)[:rows])
+        top = fig.add_subplot(grid[0, :])
         for key, name, style in (("loss", "train", dict()), ("val_loss", "validation", dict(marker="o")),
                                  ("val_loss_shuffled", "validation, labels exchanged", dict(marker=".", alpha=0.6)),
                                  ("val_loss_empty", "validation, empty text", dict(marker=".", alpha=0.6))):
@@ -257,40 +340,47 @@ class Monitor:
             if self.series(key):
                 top.axhline(self.series(key)[-1][1], color=color, linestyle="--", linewidth=1, label=key.replace("_", " "))
         top.set_ylabel("cross-entropy (nats)")
+        gap = fig.add_subplot(grid[1, 0], sharex=top)
         own = dict(self.series("val_loss"))
         for key, name in (("conditioning_gap", "labels exchanged − own labels"), ("val_loss_empty", "empty text − own labels")):
-            points = [(s, v - own[s]) for s, v in self.series(key)] if key == "val_loss_empty" else self.series(key)
+            points = [(s, v - own[s]) for s, v in self.series(key) if s in own] if key == "val_loss_empty" else self.series(key)
             if points:
-                bottom.plot(*zip(*points), marker="o", label=name)
-        bottom.axhline(0, color="black", linewidth=0.8)
-        bottom.set_ylabel("conditioning gap (nats)")
-        for ax, key, refs, label in ((axes[2:3], "kad", ("kad_real", "kad_noise"), "samples' KAD (×1000, lower: closer)"),
-                                     (axes[3:4], "adherence", ("adherence_real", "adherence_chance"), "label adherence")):
-            for ax in ax:
-                if self.series(key):
-                    ax.plot(*zip(*[(s, v) for s, v in self.series(key) if v is not None] or [(0, 0)]), marker="o", label="samples")
-                for ref, color in zip(refs, ("green", "red")):
-                    if self.series(ref) and self.series(ref)[-1][1] is not None:
-                        ax.axhline(self.series(ref)[-1][1], color=color, linestyle="--", linewidth=1,
-                                   label=ref.split("_")[1].replace("real", "real clips").replace("noise", "unigram noise"))
-                ax.set_ylabel(label)
+                gap.plot(*zip(*points), marker="o", label=name)
+        gap.axhline(0, color="black", linewidth=0.8)
+        gap.set_ylabel("conditioning gap (nats)")
+        axes = [top, gap]
+        for (r, col), (key, label, refs) in zip(((1, 1), (2, 0), (2, 1), (3, 0), (3, 1)), SAMPLE_PANELS if rows == 4 else []):
+            ax = fig.add_subplot(grid[r, col], sharex=top)
+            points = [(s, v) for s, v in self.series(key) if v is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", label="samples")
+            for (ref, name), color in zip(refs, ("green", "red")):
+                series = [(s, v) for s, v in self.series(ref) if v is not None]
+                if len(series) == 1:                 # measured once, at the start
+                    ax.axhline(series[0][1], color=color, linestyle="--", linewidth=1, label=name)
+                elif series:                         # measured with the model, at each evaluation
+                    ax.plot(*zip(*series), color=color, linestyle="--", linewidth=1, label=name)
+            ax.set_ylabel(label)
+            axes.append(ax)
         for ax in axes:
-            if ax.get_lines():
+            if ax.get_legend_handles_labels()[1]:
                 ax.legend(fontsize=8)
             ax.grid(alpha=0.3)
-        axes[-1].set_xlabel("step")
-        with common.atomic_path(os.path.join(self.out_dir, "loss.png")) as tmp:
-            fig.savefig(tmp, format="png", dpi=90, bbox_inches="tight")
+            ax.set_xlabel("step")
+        fig.tight_layout()
+        with common.atomic_path(os.path.join(self.out_dir, "loss.png"), durable=False) as tmp:
+            fig.savefig(tmp, format="png", dpi=80)
         plt.close(fig)
         self.page()
 
-    def page(self, state="running"):
+    def page(self, state="running", step=None):
         """index.html as the run is now: running (it reloads itself about as often as a log line comes),
-        finished, or stopped."""
+        finished, or stopped (at `step`, the step its checkpoint holds)."""
         with side_output(f"{os.path.join(self.out_dir, 'index.html')}"):
             pace = [r["ms_per_step"] for r in self.records if "ms_per_step" in r][-1:] or [1000]
             refresh = min(300, max(10, round(pace[0] / 1000 * self.config["log_interval"])))
-            write_page(self.out_dir, self.records, self.config["max_steps"], state, refresh)
+            write_page(self.out_dir, self.records, self.config["max_steps"], state, refresh, step,
+                       self.config.get("sample_interval"))
 
 
 def _json_or_none(line):
@@ -308,16 +398,16 @@ def clock(seconds):
     return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
 
 
-def write_page(out_dir, records, total=None, state="running", refresh=60):
+def write_page(out_dir, records, total=None, state="running", refresh=60, step=None, sample_interval=None):
     """index.html: the run at a glance (where it is, how long it has run and has left, or that it finished or
-    stopped) and every sample in samples/, newest first, each with its player and spectrogram. Built from the
-    files on disk, rewritten atomically; relative links, so it works opened from disk or served with
-    `python -m http.server`. While the run goes on, the page reloads itself every `refresh` seconds, unless
-    a sample is playing."""
+    stopped, at `step`: the step its checkpoint holds, else the last one logged) and every sample in samples/,
+    newest first, each with its player and spectrogram. Built from the files on disk, rewritten atomically;
+    relative links, so it works opened from disk or served with `python -m http.server`. While the run goes
+    on, the page reloads itself every `refresh` seconds, unless a sample is playing."""
     last = {}
     for r in records:
         last.update(r)
-    step = last.get("step", 0)
+    step = last.get("step", 0) if step is None else step
     elapsed = f" after {clock(last['elapsed_s'])}" if "elapsed_s" in last else ""
     facts = {"running": [f"step {step}" + (f" of {total} ({step / total:.0%})" if total else "")]
              + ([f"{clock(last['elapsed_s'])} elapsed"] if "elapsed_s" in last else [])
@@ -351,26 +441,48 @@ def write_page(out_dir, records, total=None, state="running", refresh=60):
 figure{{margin:0;width:420px}} figcaption{{font-weight:bold;margin-bottom:.3em}} audio,figure img{{width:100%}}</style></head>
 <body data-state="{state}"><h1>{title}</h1><p>{' · '.join(facts)} · updated {time.strftime('%Y-%m-%d %H:%M:%S')}</p>
 <table>{''.join(f"<tr><td>{html.escape(name)}</td><td><b>{value:.3f}</b></td><td>{html.escape(ref)}</td></tr>" for name, value, ref in numbers)}</table>
-<img src="loss.png?step={step}" alt="loss curves" style="max-width:800px;width:100%">
+{f'<p>samples scored with {html.escape(decoding.describe(last["sampling"]))}</p>' if isinstance(last.get("sampling"), dict) else ""}
+{f'<img src="loss.png?step={step}" alt="loss curves" style="max-width:900px;width:100%">' if os.path.exists(os.path.join(out_dir, "loss.png")) else "<p>the curves appear with the first logged steps</p>"}
 <details><summary>How to read these numbers</summary><ul>{''.join(f"<li>{html.escape(line)}</li>" for line in READING)}</ul></details>
-<h2>Samples</h2>{''.join(parts) or ('<p>none yet</p>' if state == "running" else '<p>none (sample_interval=0)</p>')}
+<h2>Samples</h2>{''.join(parts) or f"<p>{no_samples(state, sample_interval, total)}</p>"}
 <script>addEventListener("load", () => {{ document.body.dataset.broken =
   [...document.images].filter(i => !i.complete || i.naturalWidth === 0).length; }});
 {RELOAD.replace("SECONDS", str(refresh)) if state == "running" else ""}</script>
 </body></html>
 """
-    with common.atomic_path(os.path.join(out_dir, "index.html")) as tmp, open(tmp, "w") as f:
+    with common.atomic_path(os.path.join(out_dir, "index.html"), durable=False) as tmp, open(tmp, "w") as f:
         f.write(page)
 
 
+def no_samples(state, interval, total):
+    """What the page says where there is no sample yet."""
+    if interval == 0:
+        return "none: this run writes no samples (sample_interval=0)"
+    when = f"every {interval} steps and at the end" if interval else "at its sample interval"
+    return {"running": f"none yet: they come {when}", "finished": "none were written",
+            "stopped": f"none: the run stopped before its first samples (they come {when}); --resume goes on"}[state]
+
+
+# the sample panels of loss.png: (key, its axis label, its references: (key, name))
+SAMPLE_PANELS = [
+    ("kad", "samples' KAD (×1000, lower: closer)", (("kad_real", "real clips"), ("kad_noise", "unigram noise"))),
+    ("adherence", "label adherence", (("adherence_real", "real clips"), ("adherence_chance", "chance"))),
+    ("repeats", "codes repeating the previous step", (("repeats_real", "real clips"), ("repeats_noise", "unigram noise"))),
+    ("distinct_per_s", "distinct codes/s (codebook 0)", (("distinct_per_s_real", "real clips"),
+                                                         ("distinct_per_s_noise", "unigram noise"))),
+    ("sample_nll", "the model's NLL of the samples", (("nll_real", "real validation clips"),))]
 # what the run page shows of the last records: (key, the keys of its references, name)
 MEASURES = [("val_loss", ("baseline_unigram", "baseline_bigram"), "validation loss (nats)"),
             ("conditioning_gap", (), "conditioning gap (nats)"), ("fad", ("fad_real", "fad_noise"), "samples' FAD"),
             ("kad", ("kad_real", "kad_noise"), "samples' KAD (× 1000)"),
-            ("adherence", ("adherence_real", "adherence_chance"), "label adherence")]
-REFERENCE_NAMES = dict(baseline_unigram="unigram", baseline_bigram="bigram",
-                       fad_real="real clips", kad_real="real clips", fad_noise="unigram noise", kad_noise="unigram noise",
-                       adherence_real="real clips", adherence_chance="chance")
+            ("adherence", ("adherence_real", "adherence_chance"), "label adherence"),
+            ("repeats", ("repeats_real", "repeats_noise"), "codes repeating the previous step"),
+            ("distinct_per_s", ("distinct_per_s_real", "distinct_per_s_noise"), "distinct codes per second (codebook 0)"),
+            ("sample_nll", ("nll_real",), "the model's NLL of its samples (nats)")]
+REFERENCE_NAMES = dict(baseline_unigram="unigram", baseline_bigram="bigram", nll_real="real validation clips",
+                       **{f"{k}_real": "real clips" for k in ("fad", "kad", "adherence", "repeats", "distinct_per_s")},
+                       **{f"{k}_noise": "unigram noise" for k in ("fad", "kad", "repeats", "distinct_per_s")},
+                       adherence_chance="chance")
 READING = [
     "Validation loss: cross-entropy of the validation clips' codes, in nats (log 1024 = 6.93 is a uniform guess); lower is "
     "better. The baselines are lookup tables fitted on the training clips: a model that does not go below the lowest has "
@@ -384,6 +496,14 @@ READING = [
     "Label adherence: the share of samples that a nearest-centroid classifier (fitted on the training clips' latents) gives "
     "their prompt's label; higher is better. Real validation clips' own share is what the space allows; chance is one over "
     "the number of labels.",
+    "Repeats, distinct codes per second and the NLL of the samples: what the sampler does to the music. Samples that repeat "
+    "the previous step's code more often than the real clips, use fewer distinct codes, or that the model finds far more "
+    "likely than real clips (a much lower NLL), come from a sampler that cuts the distribution too much (top-k, top-p, "
+    "temperature below 1, strong guidance): they drift toward loops and drones. Good samples sit near the real clips' "
+    "figures on all three.",
+    "Sampling: the settings the samples are made with are shown beside them. A run's last evaluation scores several (its "
+    "sampling_grid) and keeps the one closest to the real clips (lowest KAD) among those that follow the label about as "
+    "well as the best; generate.py and app.py use it unless told otherwise.",
 ]
 
 
@@ -392,11 +512,11 @@ RELOAD = """(function wait() { setTimeout(() => [...document.querySelectorAll("a
   : location.reload(), SECONDS * 1000); })();"""
 
 
-def write_samples(model, text_encoder, c, data_info, step, out_dir, device):
-    """A short piece per sample prompt from the model's own sampler: MP3, spectrogram and prompt in samples/."""
+def write_samples(model, text_encoder, c, data_info, step, out_dir, device, sampling):
+    """A short piece per sample prompt with the run's sampling settings: MP3, spectrogram and prompt in samples/."""
     prompts = data_info["sample_prompts"]
     steps, samples = common.steps_for(c.sample_seconds)
-    codes = decoding.sample(model, text_encoder, prompts, steps, device, seed=step, cfg=3.0 if c.cond_dropout > 0 else 1.0)
+    codes = decoding.sample(model, text_encoder, prompts, steps, device, seed=step, **sampling)
     codec = common.codec_for(data_info, c.codec_weights, device)
     folder = os.path.join(out_dir, "samples")
     os.makedirs(folder, exist_ok=True)
@@ -406,7 +526,7 @@ def write_samples(model, text_encoder, c, data_info, step, out_dir, device):
         path = os.path.join(folder, f"step{step:06d}_{name}.mp3")
         common.write_audio(path, wav)
         common.write_spectrogram(path + ".png", wav)
-        common.write_json(path + ".json", dict(prompt=prompt, step=step))
+        common.write_json(path + ".json", dict(prompt=prompt, step=step, **sampling))
     print(f"step {step}: {len(prompts)} sample(s) of {c.sample_seconds:g} s in {folder} (step{step:06d}_*.mp3; all of them: "
           f"{os.path.join(out_dir, 'index.html')})")
 
@@ -432,7 +552,7 @@ def build(c, n_q, text_dim, device):
     try:
         model = M.MusicTransformer(cfg).to(device)
     except (RuntimeError, MemoryError) as e:
-        raise UserError(f"cannot build a model of dim={c.dim}, depth={c.depth} on {device} ({str(e).splitlines()[0][:120]}): "
+        raise UserError(f"cannot build a model of dim={c.dim}, depth={c.depth} on {device} ({common.first_line(e)}): "
                         "choose a smaller model") from None
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -537,12 +657,15 @@ def train(config, data, rank, world, device, ckpt=None, init=None, resume_hint="
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if cuda else None)
     data_info = data.info(c)
     monitor = start_watching(c, config, data, data_info, raw_model, world, device, step, best_val, ckpt) if master else None
-    evaluation = Evaluation(data, c, data_info, text_encoder, raw_model.cfg.vocab, device, autocast, monitor, not ckpt) if master else None
+    chosen = (ckpt or {}).get("sampling")          # the run's own sampling settings, once its evaluation chose them
+    evaluation = Evaluation(data, c, data_info, text_encoder, raw_model.cfg.vocab, device, autocast, monitor, not ckpt,
+                            chosen) if master else None
     progress = Progress(step, c.max_steps, (ckpt or {}).get("elapsed_s", 0))
-    save = Checkpointer(c, config, data_info, raw_model, ema, optimizer, world, device, master, progress)
+    save = Checkpointer(c, config, data_info, raw_model, ema, optimizer, world, device, master, progress, chosen)
+    save.saved = step if ckpt else None
 
     batches = iter(data.loader(step, c, rank, world, cuda))
-    stop, t_last, tokens_seen, bad_steps = StopSignal(world), time.time(), 0, 0
+    stop, t_last, tokens_seen, bad_steps, logged = StopSignal(world), time.time(), 0, 0, step
     try:
         while step < c.max_steps:
             if c.feature_redraw_interval and step % c.feature_redraw_interval == 0 and step > 0:
@@ -562,36 +685,55 @@ def train(config, data, rank, world, device, ckpt=None, init=None, resume_hint="
             if finite and ema is not None:
                 ema.update(raw_model, step)
             tokens_seen += n_tokens
-            if master and (step % c.log_interval == 0 or step == c.max_steps):
-                log_progress(monitor, step, c, losses, grad_norm, optimizer, tokens_seen * world, time.time() - t_last, device,
-                             progress)
-                t_last, tokens_seen = time.time(), 0
+            # a line every log_interval steps, and also after the first step and whenever 30 s passed without one
+            if master and (step % c.log_interval == 0 or step == c.max_steps or logged == progress.first
+                           or time.time() - t_last >= 30):
+                log_progress(monitor, step, step - logged, c, losses, grad_norm, optimizer, tokens_seen * world,
+                             time.time() - t_last, device, progress)
+                t_last, tokens_seen, logged = time.time(), 0, step
             if step % c.eval_interval == 0 or step == c.max_steps:
                 if master:
-                    best_val = evaluation(judge, step, best_val)
+                    best_val = evaluation(judge, step, best_val, last=step == c.max_steps)
+                    save.sampling = evaluation.chosen
                 save(step, best_val, "evaluation")
                 if master:
                     with side_output(f"loss.png and index.html at step {step}"):
                         monitor.plot()
             if master and c.sample_interval and (step % c.sample_interval == 0 or step == c.max_steps):
                 with side_output(f"the samples of step {step}"):
-                    write_samples(judge, text_encoder, c, data_info, step, c.out, device)
+                    write_samples(judge, text_encoder, c, data_info, step, c.out, device, evaluation.sampling)
                 monitor.page()
             if stop.requested():
                 break
-        if step < c.max_steps:
+        if step < c.max_steps:                 # stopped (Ctrl-C, SIGTERM): nothing after this run starts (exit status 130)
             save(step, best_val, "stopped by signal")
             if master:
-                monitor.page("stopped")
-                print(f"stopped at step {step}; continue with: {resume_hint}")
-        elif master:
+                monitor.page("stopped", step)
+            raise (common.stopped(f"the run is saved at step {step} in {save.path}; continue with: {resume_hint}") if master
+                   else SystemExit(130))
+        if master:
             monitor.page("finished")
             print(f"done: {step} steps, " + (f"best validation loss {best_val:.4f}" if len(data.val_ids) else
                   f"no validation set ({len(data)} clip(s): too few to hold any out)") + f"; checkpoint {save.path}")
         return raw_model
+    except Exception as e:
+        if world > 1 and lost_a_process(e):     # one line in the project's words instead of gloo's/NCCL's traceback
+            raise UserError(f"another process of this run stopped (this is rank {rank} of {world}; torchrun's report names "
+                            f"the one that failed), so this one stops too ({common.first_line(e, 100)}). The last checkpoint is "
+                            + (f"{save.path} at step {save.saved}" if save.saved is not None else "none: no checkpoint was written yet")
+                            + f"; continue with: {resume_hint}") from None
+        raise
     finally:
         stop.restore()
         del batches
+
+
+def lost_a_process(error):
+    """Whether an error is a collective that failed because another process of the run is gone."""
+    import torch.distributed as dist
+    text = str(error)
+    return isinstance(error, getattr(dist, "DistError", ())) or isinstance(error, RuntimeError) and any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "gloo", "NCCL"))
 
 
 def restore(ckpt, init, model, ema, optimizer, rank, device):
@@ -631,10 +773,12 @@ class Checkpointer:
     """save(step, best_val, why): every rank calls it at the same step (their random states are gathered);
     rank 0 writes ckpt.pt through checkpoint.save_checkpoint."""
 
-    def __init__(self, c, config, data_info, model, ema, optimizer, world, device, master, progress):
+    def __init__(self, c, config, data_info, model, ema, optimizer, world, device, master, progress, sampling):
         self.c, self.config, self.data_info, self.model, self.ema, self.optimizer = c, config, data_info, model, ema, optimizer
         self.world, self.device, self.master, self.progress = world, device, master, progress
         self.path = os.path.join(c.out, "ckpt.pt")
+        self.sampling = sampling    # the run's own sampling settings, once its evaluation has chosen them
+        self.saved = None           # the step of the last checkpoint written (or resumed from)
 
     def __call__(self, step, best_val, why):
         states = [rng_state(self.device)]
@@ -642,13 +786,15 @@ class Checkpointer:
             states = [None] * self.world
             torch.distributed.all_gather_object(states, rng_state(self.device))
         if not self.master:
+            self.saved = step
             return
         c = self.c
         checkpoint.save_checkpoint(self.path, dict(
             step=step, best_val_loss=best_val, config=self.config, data=self.data_info, model_config=asdict(self.model.cfg),
             model=self.model.state_dict(), ema=self.ema.model.state_dict() if self.ema else None,
-            optimizer=self.optimizer.state_dict(), rng=states, elapsed_s=self.progress(step)["elapsed_s"],
+            optimizer=self.optimizer.state_dict(), rng=states, elapsed_s=self.progress(step)["elapsed_s"], sampling=self.sampling,
             data_position=dict(next_step=step, samples_per_step=c.batch_size * c.grad_accum * self.world)))
+        self.saved = step
         print(f"saved {self.path} at step {step} ({why})")
 
 
@@ -697,8 +843,7 @@ def check_divergence(bad_steps, step, c, ckpt_path, master):
                         f"checkpoint is {ckpt_path}; resume with a lower --lr (now {c.lr}) or --grad_clip, or check the data")
 
 
-def log_progress(monitor, step, c, losses, grad_norm, optimizer, tokens, seconds, device, progress):
-    steps_done = c.log_interval if step % c.log_interval == 0 else step % c.log_interval
+def log_progress(monitor, step, steps_done, c, losses, grad_norm, optimizer, tokens, seconds, device, progress):
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.startswith("cuda") else _rss_gib()
     record = dict(step=step, loss=round(losses.mean().item(), 5), loss_per_codebook=[round(x, 5) for x in losses.tolist()],
                   lr=optimizer.param_groups[0]["lr"], grad_norm=round(grad_norm.item(), 4),
@@ -710,9 +855,18 @@ def log_progress(monitor, step, c, losses, grad_norm, optimizer, tokens, seconds
           f"({' '.join(f'{x:.3f}' for x in record['loss_per_codebook'])}) lr {record['lr']:.2e} |g| {record['grad_norm']:.3f} "
           f"{record['tokens_per_s']:.0f} tok/s {record['ms_per_step']:.0f} ms/step {peak:.2f} GiB · "
           f"{clock(record['elapsed_s'])} elapsed{left}", flush=True)
-    monitor.page()
+    with side_output(f"loss.png at step {step}"):
+        monitor.plot(every=120)      # the curves from the first steps on, redrawn every few minutes (and at each evaluation)
 
 
 def _rss_gib():
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+if __name__ == "__main__":      # a nanoGPT user's first guess: runs start with deploy.py, which hands the loop its data
+    import sys
+    print("train.py holds the training loop; runs start with deploy.py, which reads the shards and hands it the data: "
+          "python deploy.py --data=data/ --out=runs/mine (python deploy.py --help lists every setting)",
+          file=sys.stdout if {"--help", "-h"} & set(sys.argv[1:]) else sys.stderr)
+    sys.exit(0 if {"--help", "-h"} & set(sys.argv[1:]) else 2)

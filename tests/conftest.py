@@ -41,7 +41,7 @@ def write_shards(folder, clips=8, steps=300, codec="untrained:seed=0", rank=0, s
         length = steps if i % 3 else steps - 40             # some clips shorter than the array
         writer.add([(codes[:, :length], rng.uniform(0.05, 0.2, steps // 150).astype(np.float32),
                      ["calm minor pad", "upbeat major arpeggio", "driving minor drums", "melancholic major pad"][i % 4],
-                     f"clip{i}.wav@0.00", (0, 0))])
+                     f"clip{i}.wav@0.00", (0, 0), "")])
     writer.flush()
     return folder
 

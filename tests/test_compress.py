@@ -20,6 +20,20 @@ def run(inp, out, *extra):
     return compress.main(["--input", str(inp), "--output", str(out), *FAST, *extra])
 
 
+def read_data(out):
+    """What a training run reads from a shard folder (through its index): {source file: [codes of each clip]}."""
+    import deploy
+    data = deploy.Shards(str(out))
+    clips = {}
+    for n, source in enumerate(data.sources):
+        clips.setdefault(source, []).append(data.read(n, 0, int(data.lengths[n])))
+    return clips
+
+
+def same_data(a, b):
+    return a.keys() == b.keys() and all(len(a[k]) == len(b[k]) and all(np.array_equal(x, y) for x, y in zip(a[k], b[k])) for k in a)
+
+
 def read_shards(out):
     rows = {}
     for path in compress.finished_shards(str(out)):
@@ -222,9 +236,8 @@ def test_resume_after_kill_9(tmp_path):
     assert len(compress.finished_shards(str(tmp_path / "killed"))) < 8           # it was stopped part-way
     assert compress.main([*args, "--output", str(tmp_path / "killed")]) == 0
     assert compress.main([*args, "--output", str(tmp_path / "clean")]) == 0
-    killed, clean = read_shards(tmp_path / "killed"), read_shards(tmp_path / "clean")
-    assert killed.keys() == clean.keys() and len(clean) == 8
-    assert sum(len(read_shards_file(p)) for p in compress.finished_shards(str(tmp_path / "killed"))) == 8
+    killed, clean = read_data(tmp_path / "killed"), read_data(tmp_path / "clean")
+    assert same_data(killed, clean) and len(clean) == 8 and all(len(v) == 1 for v in clean.values())    # each file once
 
 
 # -----------------------------------------------------------------------------
@@ -259,12 +272,14 @@ def test_resume_knows_a_file_by_size_and_time_not_only_its_name(tmp_path, capsys
     assert run(first, tmp_path / "out") == 0
     assert run(first, tmp_path / "out") == 0
     assert "1 files are already in the shards" in capsys.readouterr().out
-    assert run(second, tmp_path / "out") == 0         # same relative name, different audio: encoded too
-    out = capsys.readouterr().out
-    assert "1 files share a path with an encoded file but differ in size or modification time" in out and "take.wav" in out
+    assert run(second, tmp_path / "out") == 0         # same relative name in another folder, different audio: encoded too
     with h5py.File(compress.finished_shards(str(tmp_path / "out"))[-1]) as f:
         assert f["file_size"][0] == os.path.getsize(second / "take.wav")
-    assert len(read_shards_file_all(tmp_path / "out")) == 2
+    assert len(read_shards_file_all(tmp_path / "out")) == 2 and len(read_data(tmp_path / "out")["take.wav"]) == 2
+    sf.write(first / "take.wav", example.synth_clip(seconds=2.5, seed=9), 48_000)    # new audio under the same name
+    assert run(first, tmp_path / "out") == 0
+    assert "1 files replaced in place (encoded again; the old audio leaves the data): take.wav" in capsys.readouterr().out
+    assert len(read_shards_file_all(tmp_path / "out")) == 3 and len(read_data(tmp_path / "out")["take.wav"]) == 2
 
 
 def read_shards_file_all(out):
@@ -389,3 +404,74 @@ def test_codec_check_names_the_clips_it_handles_poorly(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "median 8.0 dB, worst 1.5 dB; poor round trips (6 dB or more below the median): noise.wav (1.5 dB)" in out
     assert "mean nothing" not in out
+
+
+def test_the_data_follows_the_folder_after_renames_deletions_replacements_and_relabels(tmp_path, capsys):
+    """After any rerun, what training reads is the folder as it is now: each current file once, with its label now;
+    a renamed file is known by its bytes (not encoded again), a deleted one leaves, a replaced one has only its new audio."""
+    music, out = tmp_path / "music", tmp_path / "data"
+    music.mkdir()
+    kinds = ["arpeggio", "pad", "drums", "arpeggio", "pad"]
+    for i, kind in enumerate(kinds):
+        sf.write(music / f"f{i}.wav", example.synth_clip(kind, "major" if i % 2 else "minor", "fast", seconds=2.5, seed=i), 48_000)
+    labels = {f"f{i}.wav": f"label {i}" for i in range(5)}
+    write_labels = lambda: (music / "metadata.csv").write_text("file,text\n" + "".join(f"{k},{v}\n" for k, v in labels.items()))
+    write_labels()
+    assert run(music, out) == 0
+    first = read_data(out)
+    shards_before = compress.finished_shards(str(out))
+    capsys.readouterr()
+    (music / "sub").mkdir()
+    os.rename(music / "f0.wav", music / "sub" / "moved.wav")               # renamed and moved
+    os.remove(music / "f1.wav")                                           # deleted
+    sf.write(music / "f2.wav", example.synth_clip("drums", "minor", "slow", seconds=2.5, seed=42), 48_000)   # replaced
+    labels = {"sub/moved.wav": "label 0", "f2.wav": "label 2", "f3.wav": "a new label", "f4.wav": "label 4"}
+    write_labels()                                                        # f3 relabelled
+    assert run(music, out) == 0
+    said = capsys.readouterr().out
+    assert "1 files renamed or moved (the same audio, recognised by its bytes: not encoded again): f0.wav → sub/moved.wav" in said
+    assert "1 files deleted (their clips leave the data): f1.wav" in said
+    assert "1 files replaced in place (encoded again; the old audio leaves the data): f2.wav" in said
+    assert "1 files relabelled (the new label applies; nothing encoded again): f3.wav ('label 3' → 'a new label')" in said
+    assert "resuming: 3 files are already in the shards" in said
+    now = read_data(out)
+    assert sorted(now) == ["f2.wav", "f3.wav", "f4.wav", "sub/moved.wav"] and all(len(v) == 1 for v in now.values())
+    assert np.array_equal(now["sub/moved.wav"][0], first["f0.wav"][0])      # the same codes, not encoded again
+    assert not np.array_equal(now["f2.wav"][0][:, :300], first["f2.wav"][0][:, :300])   # only the new audio
+    import deploy
+    data = deploy.Shards(str(out))
+    assert dict(zip(data.sources, data.texts)) == labels
+    new_shards = set(compress.finished_shards(str(out))) - set(shards_before)
+    assert len(new_shards) == 1 and {s.split("@")[0] for s in read_shards_file(new_shards.pop())} == {"f2.wav"}
+    assert run(music, out) == 0 and "nothing to encode" in capsys.readouterr().out and same_data(read_data(out), now)
+
+
+def test_a_run_resumed_after_relabelling_says_so(music_dir, tmp_path, capsys):
+    import deploy
+    from conftest import TINY_TRAIN
+    assert run(music_dir, tmp_path / "data") == 0
+    args = ["--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), *TINY_TRAIN, "--val_fraction=0.3", "--eval_interval=100"]
+    deploy.main(args + ["--max_steps=1"])
+    (music_dir / "metadata.csv").write_text("file,text\n" + "".join(f"clip{i}.wav,relabelled {i}\n" for i in range(3)))
+    assert run(music_dir, tmp_path / "data") == 0
+    assert "3 files relabelled" in capsys.readouterr().out
+    deploy.main(args + ["--max_steps=2", "--resume"])
+    said = capsys.readouterr().out
+    assert "NOTE: labels changed since the checkpoint (in 1 shard(s); 2 of the 2 validation clips have a new label)" in said
+
+
+def test_a_damaged_index_or_shard_is_named_as_such(music_dir, tmp_path):
+    import deploy
+    assert run(music_dir, tmp_path / "data") == 0
+    index = tmp_path / "data" / "index.json"
+    index.write_text(index.read_text()[:40])                              # an interrupted copy
+    with pytest.raises(SystemExit) as e:
+        deploy.Shards(str(tmp_path / "data"))
+    assert "index.json is damaged or incomplete" in str(e.value.code) and "rerun compress.py" in str(e.value.code)
+    assert run(music_dir, tmp_path / "data2") == 0
+    shard = compress.finished_shards(str(tmp_path / "data2"))[0]
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) // 2)
+    with pytest.raises(SystemExit) as e:
+        deploy.Shards(str(tmp_path / "data2"))
+    assert "is damaged or incomplete" in str(e.value.code)

@@ -74,11 +74,11 @@ def test_full_disk_during_compress_keeps_finished_shards(tmp_path, small_disk):
     assert "no space left on the device while writing" in message and "shards finished before it are intact" in message
     shards = compress.finished_shards(str(disk / "data"))
     assert 1 <= len(shards) < 6
-    assert compress.encoded_files(shards, dict(codec="untrained:seed=0", bandwidth=6.0, clip_seconds=2, n_q=4))
+    assert compress.encoded_clips(shards, dict(codec="untrained:seed=0", bandwidth=6.0, clip_seconds=2, n_q=4))
     assert not [p for p in os.listdir(disk / "data") if ".tmp" in p]
     os.remove(disk / "filler")               # space again: the same command resumes and finishes
     assert compress.main(["--input", str(tmp_path / "m"), "--output", str(disk / "data"), *FAST, "--shard_clips=1"]) == 0
-    assert len(compress.finished_shards(str(disk / "data"))) == 6
+    assert sorted(deploy.Shards(str(disk / "data")).sources) == [f"f{i}.wav" for i in range(6)]      # each file once
 
 
 def test_full_disk_during_training_keeps_the_last_checkpoint(tmp_path, small_disk):
@@ -212,3 +212,50 @@ def test_example_only_deletes_what_it_made(tmp_path):
     (out / "notes.txt").write_text("the user's")
     example.start_fresh(str(out), folders)          # a second run: replaces its own folders only
     assert not (out / "run").exists() and (out / "notes.txt").read_text() == "the user's"
+
+
+def test_checkpoints_shards_exports_and_the_index_reach_the_disk_before_their_names(tmp_path, monkeypatch, tiny_ckpt):
+    """A power cut cannot leave an empty file under a finished name: each is fsynced before the rename that makes it
+    visible, and its folder after."""
+    synced, real = [], os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+
+    def before_and_after(name, folder):
+        tmp = next(i for i, p in enumerate(synced) if os.path.basename(p).startswith(name + ".tmp"))
+        assert str(folder) in synced[tmp + 1:], (name, synced)
+    checkpoint.save_checkpoint(str(tmp_path / "ckpt.pt"), dict(step=1))
+    before_and_after("ckpt.pt", tmp_path)
+    export.main(["--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "model")])
+    before_and_after("model.safetensors", tmp_path / "model")
+    before_and_after("config.json", tmp_path / "model")
+    compress.main(["--input", str(music(tmp_path / "m", n=1)), "--output", str(tmp_path / "data"), *FAST])
+    before_and_after("shard-r000-00000.h5", tmp_path / "data")
+    before_and_after("index.json", tmp_path / "data")
+
+
+def test_a_file_cut_short_is_called_damaged_not_foreign(tmp_path, tiny_ckpt):
+    """An interrupted copy of a checkpoint or an export says "damaged or incomplete: copy it again", not "not a file of
+    this project"."""
+    cut = tmp_path / "ckpt.pt"
+    data = tiny_ckpt.read_bytes()
+    cut.write_bytes(data[:len(data) // 2])
+    with pytest.raises(SystemExit) as e:
+        checkpoint.load_checkpoint(str(cut))
+    assert "is damaged or incomplete" in one_line(e) and "copy it again" in one_line(e)
+    export.main(["--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "model")])
+    for name in ("model.safetensors", "config.json"):
+        path = tmp_path / "model" / name
+        whole = path.read_bytes()
+        path.write_bytes(whole[:len(whole) // 2])
+        with pytest.raises(SystemExit) as e:
+            checkpoint.load_model(str(tmp_path / "model"))
+        assert f"{name} is damaged or incomplete" in one_line(e) and "again" in one_line(e)
+        path.write_bytes(whole)
+    (tmp_path / "other.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(SystemExit) as e:
+        checkpoint.load_checkpoint(str(tmp_path / "other.pt"))
+    assert "is not a checkpoint written by this project" in one_line(e)

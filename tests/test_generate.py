@@ -36,7 +36,7 @@ def test_mp3_per_prompt_with_complete_json(ckpt, tmp_path):
         meta = json.loads((tmp_path / f"{name}.mp3.json").read_text())
         for key in ("prompt", "seed", "top_k", "top_p", "temperature", "cfg", "ckpt", "codec", "seconds", "codes"):
             assert key in meta
-        assert meta["codec"] == "untrained:seed=0" and meta["cfg"] == 3.0 and meta["top_k"] == 250
+        assert meta["codec"] == "untrained:seed=0" and meta["cfg"] == 2.0 and meta["top_k"] == 0      # the defaults
         assert np.array(meta["codes"]).shape == (4, 303) and meta["seconds"] == 2.0 and meta["samples"] == 96_000
         assert (tmp_path / f"{name}.mp3.png").exists()
 
@@ -120,6 +120,38 @@ def test_continue_from_audio_file(ckpt, tmp_path):
     assert codes.shape == (4, common.steps_for(2.5)[0]) and np.array_equal(codes[:, :150], intro.numpy())
 
 
+def counted(read, frames):
+    def reading(self, *args, **kwargs):
+        block = read(self, *args, **kwargs)
+        frames.append(len(block))
+        return block
+    return reading
+
+
+def test_a_continuation_reads_only_the_end_it_uses(tmp_path, monkeypatch):
+    """The last window of a long prompt file is read after a seek (soundfile) or ffmpeg's seek from the end (MP3 and
+    the rest), not decoded from the start; what comes back is the end of the file, as reading it whole gives."""
+    import subprocess
+    import soundfile
+    audio = np.concatenate([example.synth_clip(kind, seconds=20, sr=44_100, seed=i) for i, kind in enumerate(example.KINDS)])
+    sf.write(tmp_path / "long.flac", audio, 44_100)
+    subprocess.run([common.ffmpeg_exe(), "-v", "error", "-i", str(tmp_path / "long.flac"), "-b:a", "128k", str(tmp_path / "long.mp3")],
+                   check=True)
+    frames, commands = [], []
+    read, popen = soundfile.SoundFile.read, subprocess.Popen
+    monkeypatch.setattr(soundfile.SoundFile, "read", counted(read, frames))
+    monkeypatch.setattr(subprocess, "Popen", lambda cmd, *a, **kw: commands.append(cmd) or popen(cmd, *a, **kw))
+    for name in ("long.flac", "long.mp3"):
+        tail = common.load_audio(str(tmp_path / name), last_seconds=10)
+        monkeypatch.undo()
+        whole = common.load_audio(str(tmp_path / name))
+        assert tail.shape == (2, 480_000) and torch.allclose(tail, whole[:, -480_000:], atol=1e-5)
+        monkeypatch.setattr(soundfile.SoundFile, "read", counted(read, frames))
+        monkeypatch.setattr(subprocess, "Popen", lambda cmd, *a, **kw: commands.append(cmd) or popen(cmd, *a, **kw))
+    assert 10 * 44_100 < sum(frames) <= 11 * 44_100 + 1    # the last 11 s (a second of the resampler's context), not 60 s
+    assert any("-sseof" in cmd for cmd in commands)
+
+
 def test_bad_inputs_fail_before_any_model_work(ckpt, tmp_path, monkeypatch):
     (tmp_path / "junk.pt").write_bytes(os.urandom(256))
     sf.write(tmp_path / "short.wav", np.zeros((24_000, 2)), 48_000)
@@ -128,13 +160,16 @@ def test_bad_inputs_fail_before_any_model_work(ckpt, tmp_path, monkeypatch):
         (["--prompt=x", "--seconds=0"], r"seconds=0.0 is out of range: it must be in \(0, 36000\]"),
         (["--prompt=x", "--seconds=0.001"], "shorter than one codec step"),
         (["--prompt=x", "--seconds=nan"], "--seconds takes a finite number, not 'nan'"),
-        (["--prompt=x", "--top_k=0"], r"top_k=0 is out of range: it must be in \[1, 1024\]"),
+        (["--prompt=x", "--top_k=-1"], r"top_k=-1 is out of range: it must be a whole number in \[0, 1024\] \(0: off\)"),
         (["--prompt=x", "--top_k=2000"], r"top_k=2000 is out of range"),
-        (["--prompt=x", "--top_p=0"], r"top_p=0.0 is out of range: it must be in \(0, 1\]"),
+        (["--prompt=x", "--top_k=2.5"], r"top_k=2.5 is out of range: it must be a whole number"),
+        (["--prompt=x", "--top_p=0"], r"top_p=0 is out of range: it must be in \(0, 1\] \(or auto"),
         (["--prompt=x", "--top_p=1.5"], r"top_p=1.5 is out of range"),
-        (["--prompt=x", "--temperature=-1"], r"temperature=-1.0 is out of range"),
+        (["--prompt=x", "--temperature=-1"], r"temperature=-1 is out of range"),
+        (["--prompt=x", "--temperature=hot"], r"temperature='hot' is not a number \(or auto"),
         (["--prompt=x", "--num_samples=0"], r"num_samples=0 is out of range"),
         (["--prompt=x", "--cfg=0.5"], r"cfg=0.5 is out of range: it must be in \[1, 100\]"),
+        ([f"--prompt={'x' * 800}"], "prompt 1 is 800 characters long: a prompt may have up to 500"),
         (["--prompt=x", f"--continue_from={tmp_path / 'nope.wav'}"], "cannot read --continue_from=.*: no such file"),
         (["--prompt=x", f"--continue_from={tmp_path / 'junk.pt'}"], "cannot read --continue_from=.* as audio"),
         (["--prompt=x", f"--continue_from={tmp_path / 'short.wav'}"], "holds 0.50 s of audio: give at least 1 s"),
@@ -157,9 +192,10 @@ def test_guidance_needs_unconditional_training(tmp_path):
     data = write_shards(tmp_path / "data")
     deploy.main(["--data", str(data), "--out", str(tmp_path / "run"), *TINY_TRAIN, "--max_steps=1", "--eval_interval=1",
                  "--cond_dropout=0"])
-    with pytest.raises(SystemExit, match="trained with cond_dropout=0.*use --cfg=1"):
-        gen(tmp_path / "run" / "ckpt.pt", tmp_path / "o", "--prompt=x", "--seconds=1")
-    assert gen(tmp_path / "run" / "ckpt.pt", tmp_path / "o", "--prompt=x", "--cfg=1", "--seconds=1") == 0
+    with pytest.raises(SystemExit, match="trained with cond_dropout=0.*guidance \\(cfg\\) must be 1"):
+        gen(tmp_path / "run" / "ckpt.pt", tmp_path / "o", "--prompt=x", "--seconds=1", "--cfg=3")
+    assert gen(tmp_path / "run" / "ckpt.pt", tmp_path / "o", "--prompt=x", "--seconds=1") == 0        # auto: no guidance
+    assert json.loads((tmp_path / "o" / "x.mp3.json").read_text())["cfg"] == 1.0
 
 
 def test_checkpoint_whose_weights_do_not_match_its_settings(ckpt, tmp_path):

@@ -138,16 +138,17 @@ def test_resume_keeps_its_validation_clips_when_shards_come_and_go(tmp_path, cap
     capsys.readouterr()
     deploy.main(["--data", str(data), "--out", out, "--resume", "--max_steps=4"])
     said = capsys.readouterr().out
-    assert "1 new shard(s) with 8 clips (for training)" in said and "the 3 validation clips are the same" in said
+    assert "8 clips added (for training), 0 training clips gone" in said and "the 3 validation clips are the same" in said
     assert checkpoint.load_checkpoint(os.path.join(out, "ckpt.pt"))["data"]["validation"] == first["validation"]
     os.remove(data / "shard-r001-00000.h5")                                  # training clips gone: goes on
     deploy.main(["--data", str(data), "--out", out, "--resume", "--max_steps=6"])
-    assert "1 shard(s) with 8 training clips gone" in capsys.readouterr().out
+    assert "0 clips added (for training), 8 training clips gone" in capsys.readouterr().out
     os.rename(data / "shard-r000-00000.h5", tmp_path / "elsewhere.h5")       # the validation clips gone: refused
     write_shards(data, clips=8, rank=2)
     with pytest.raises(SystemExit) as e:
         deploy.main(["--data", str(data), "--out", out, "--resume", "--max_steps=8"])
-    assert "shard-r000-00000.h5 held validation clips of this run" in one_line(e) and "--init_from" in one_line(e)
+    assert "3 of this run's 3 validation clips are gone from --data" in one_line(e) and "shard-r000-00000.h5" in one_line(e)
+    assert "--init_from" in one_line(e)
     other = write_shards(tmp_path / "other", clips=8, codec="untrained:seed=5")   # another codec: refused
     with pytest.raises(SystemExit) as e:
         deploy.main(["--data", str(other), "--out", out, "--resume", "--max_steps=8"])

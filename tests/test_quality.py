@@ -74,8 +74,11 @@ def test_adherence_of_separable_labels_is_near_one_and_of_unrelated_ones_near_ch
 
 
 def test_training_and_evaluate_py_report_the_same_sample_metrics(tmp_path, capsys):
+    import checkpoint
     import deploy
     import evaluate
+    import export
+    import generate
     data = write_shards(tmp_path / "data", clips=16, steps=450)
     out = tmp_path / "run"
     deploy.main(["--data", str(data), "--out", str(out), *TINY_TRAIN, "--max_steps=2", "--eval_interval=1",
@@ -85,12 +88,28 @@ def test_training_and_evaluate_py_report_the_same_sample_metrics(tmp_path, capsy
     assert {"baseline_bigram", "baseline_fit", "fad_real", "kad_noise", "adherence_real", "adherence_chance"} <= first
     scored = [r for r in records if "kad" in r]
     assert [r["step"] for r in scored] == [1, 2] and all({"fad", "adherence", "val_loss"} <= set(r) for r in scored)
+    sample_stats = {"repeats", "distinct_per_s", "sample_nll", "nll_real", "sampling"}
+    assert all(sample_stats <= set(r) for r in scored) and {"repeats_real", "distinct_per_s_real", "repeats_noise"} <= first
     said = capsys.readouterr().out
-    assert "step 2: samples FAD" in said and "KAD" in said and "label adherence" in said
+    assert "step 2: samples (top_k=" in said and "KAD" in said and "label adherence" in said and "NLL of own samples" in said
     page = (out / "index.html").read_text()
     assert "samples&#x27; KAD" in page and "How to read these numbers" in page and "real clips" in page
+    # the last evaluation scored the sampling grid and kept the run's own choice: in the checkpoint, the export, generate.py
+    chosen = checkpoint.load_checkpoint(str(out / "ckpt.pt"))["sampling"]
+    grid = [r for r in records if "sampling_scores" in r][-1]["sampling_scores"]
+    assert [g["sampling"]["cfg"] for g in grid] == [1, 1.5, 2, 3] and chosen in [g["sampling"] for g in grid]
+    assert "this run's own sampling: " in said and "← chosen" in said
+    export.main(["--ckpt", str(out), "--out", str(tmp_path / "model")])
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["sampling"] == chosen
+    capsys.readouterr()
+    generate.main(["--ckpt", str(tmp_path / "model"), "--prompt=calm minor pad", "--seconds=1", "--out", str(tmp_path / "g")])
+    assert "from the model's own choice" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "g" / "calm_minor_pad.mp3.json").read_text())
+    assert {k: meta[k] for k in chosen} == chosen
     evaluate.main(["--ckpt", str(out), "--data", str(data), "--samples=4", "--seconds=1", "--out", str(tmp_path / "s.json")])
     again = json.loads((tmp_path / "s.json").read_text())
     logged = {k: v for r in records for k, v in r.items()}                    # the last value of each number
-    for key in ("val_loss", "fad", "kad", "adherence", "baseline_bigram", "baseline_unigram", "kad_real", "adherence_real"):
+    assert again["sampling"] == chosen                                        # auto: the run's own choice
+    for key in ("val_loss", "fad", "kad", "adherence", "baseline_bigram", "baseline_unigram", "kad_real", "adherence_real",
+                "repeats", "distinct_per_s", "sample_nll", "nll_real"):
         assert again[key] == pytest.approx(logged[key], abs=1e-4), key         # the same weights, seeds and clips
