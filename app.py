@@ -24,12 +24,15 @@ import sys
 import tempfile
 import time
 
-import common  # first: Ctrl-C while the libraries below load then ends in one line, not a traceback
+import settings  # first: Ctrl-C while the libraries below load then ends in one line, not a traceback
 import numpy as np
 
+import audio
+import codec
+import common
 import decoding
 import generate
-from common import UserError
+from settings import UserError
 
 # -----------------------------------------------------------------------------
 # settings: edit here, or override on the command line as --name=value
@@ -78,12 +81,12 @@ def request(c, prompts, seconds, cfg, top_k, top_p, temperature, seed, random_se
     if continue_from:
         name = os.path.basename(str(continue_from))
         try:
-            held = common.audio_seconds(str(continue_from))
+            held = audio.audio_seconds(str(continue_from))
         except (ValueError, OSError) as e:
-            raise UserError(f"the file to continue from ({name}) is not audio this page can read ({common.first_line(e, 80)})") from None
+            raise UserError(f"the file to continue from ({name}) is not audio this page can read ({settings.first_line(e, 80)})") from None
         if held is not None and held < 1:
             raise UserError(f"the file to continue from ({name}) holds {held:.2f} s of audio: it needs at least 1 s")
-    request = dict(common.settings(vars(generate)), prompt=texts, num_samples=pieces, seed=seed,
+    request = dict(settings.settings(vars(generate)), prompt=texts, num_samples=pieces, seed=seed,
                    seconds=number(seconds, "Seconds", 1, c["max_seconds"]), cfg=number(cfg, "Guidance", 1, 100),
                    top_k=number(top_k, "Top-k", 0, 1024, whole=True), top_p=number(top_p, "Top-p", 0.01, 1),
                    temperature=number(temperature, "Temperature", 0.01, 100),
@@ -97,24 +100,24 @@ def make(session, c, *inputs, progress=None):
     (status line, [(48000, int16 (samples, 2)) per piece: the audio just written], finished pieces [(path,
     .json, spectrogram)], the seed used). The page streams the audio to its players; a test calls it
     directly. Bad input: UserError before any work."""
-    settings = request(c, *inputs)
-    session.check(settings)
-    cut = session.text_encoder.cut(settings["prompt"])
+    asked = request(c, *inputs)
+    session.check(asked)
+    cut = session.text_encoder.cut(asked["prompt"])
     said = "".join(f"prompt {i + 1} is longer than the {session.text_encoder.MAX_TOKENS} tokens the model reads: it "
                    f"reads up to {kept[-40:]!r}, not {rest[:40]!r}... · " for i, (kept, rest) in cut.items())
-    job = generate.Pieces(session, settings)
+    job = generate.Pieces(session, asked)
     t0, first = time.time(), None
     with contextlib.closing(iter(job)) as pieces:     # a stopped request closes it: its files stay .partial
-        for seconds, audio in pieces:
+        for seconds, wavs in pieces:
             first = first or (time.time(), seconds)
             pace = (seconds - first[1]) / max(1e-9, time.time() - first[0])
-            chunks = [(common.SAMPLE_RATE, (wav.clamp(-1, 1).numpy().T * 32767).astype(np.int16)) for wav in audio]
-            yield (f"{said}{job.describe()}: {seconds:.0f} of {settings['seconds']:g} s written"
-                   + (f" ({pace:.2f}× real time)" if pace else ""), chunks, [], settings["seed"])
+            chunks = [(codec.SAMPLE_RATE, (wav.clamp(-1, 1).numpy().T * 32767).astype(np.int16)) for wav in wavs]
+            yield (f"{said}{job.describe()}: {seconds:.0f} of {asked['seconds']:g} s written"
+                   + (f" ({pace:.2f}× real time)" if pace else ""), chunks, [], asked["seed"])
     took = time.time() - t0
     finished = [(path, path + ".json", path + ".png") for path in job.paths]
-    yield (f"{said}{len(job.paths)} × {settings['seconds']:g} s in {took:.1f} s, seed {settings['seed']}: "
-           f"{', '.join(os.path.basename(p) for p in job.paths)}", [], finished, settings["seed"])
+    yield (f"{said}{len(job.paths)} × {asked['seconds']:g} s in {took:.1f} s, seed {asked['seed']}: "
+           f"{', '.join(os.path.basename(p) for p in job.paths)}", [], finished, asked["seed"])
 
 
 def page(session, c):
@@ -208,11 +211,12 @@ def load(c):
 
 
 def main(argv):
-    c = common.parse_settings(globals(), argv)
-    common.check_ranges(c, dict(port="[0, 65535]", max_seconds="[1, 36000]", max_pieces="[1, 64]"))
+    c = settings.parse_settings(globals(), argv)
+    settings.check_ranges(c, dict(port="[0, 65535]", max_seconds="[1, 36000]", max_pieces="[1, 64]"))
     if not os.path.exists(c["ckpt"]):
         raise UserError(f"no model at --ckpt={c['ckpt']}: give a run folder of deploy.py (its --out), its ckpt.pt, or a "
                         f"folder written by export.py{generate.found_here()}")
+    print(f"loading {c['ckpt']} (the model, its text encoder and codec), then the page", flush=True)
     session = load(c)
     out = os.path.abspath(c["out"])
     os.makedirs(out, exist_ok=True)
@@ -229,13 +233,13 @@ def main(argv):
         demo.delete_cache = (600, 3600)
         demo.queue(default_concurrency_limit=1)        # one request at a time on the device; the others wait
         print(f"model {c['ckpt']} loaded on {session.dev}; pieces go to {out}")
-        common.stop_on_sigterm()
+        settings.stop_on_sigterm()
         demo.launch(server_name=c["host"], server_port=c["port"] or None, share=c["share"], allowed_paths=[out],
                     footer_links=["api"], quiet=False)
     except OSError as e:
         raise UserError(f"cannot listen on {c['host']}:{c['port']} ({e}): choose another --port") from None
     except KeyboardInterrupt:
-        raise common.stopped("the pieces made are in " + out) from None
+        raise settings.stopped("the pieces made are in " + out) from None
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     return 0

@@ -16,10 +16,12 @@ import subprocess
 import sys
 import time
 
-import common  # first: Ctrl-C while the libraries below load then ends in one line, not a traceback
+import settings  # first: Ctrl-C while the libraries below load then ends in one line, not a traceback
 import torch
 
 import checkpoint
+import codec
+import common
 import decoding
 
 
@@ -44,7 +46,8 @@ learning_data = ""          # the learning benchmark (--parts=learning, not run 
 learning_steps = 1000       # optimizer steps each configuration trains for
 learning_model = "dim=256,depth=2,heads=4,dim_head=64,nb_features=64,seq_len=750,max_len=1500,batch_size=8,grad_accum=1,warmup_steps=100,lr=1e-3"
 learning_configs = "positions=relative|positions=absolute|positions=absolute,random_offsets=true"   # what each run changes, | between runs
-output = "BENCHMARKS.md"
+output = "docs/benchmark-log.md"   # every run is appended here, dated (the history)
+current = "BENCHMARKS.md"   # the current figures: the block of each part measured on this kind of machine is rewritten
 part = ""                   # internal: run one measurement and print it as JSON
 impl = "favor"              # internal: favor | softmax | performer
 seq_len = 4500              # internal
@@ -147,6 +150,7 @@ def train_step_part(c, dev):
         net = our_model(dict(attention=c["impl"], depth=c["depth"], reversible=c["reversible"], max_len=t), dev)
         text = torch.randn(1, 16, 384, device=dev)
     mask = torch.ones(1, 16, dtype=torch.bool, device=dev)
+    import scoring
     import train
     run = train.compile_for_training(net) if c["compiled"] else net
     n_params = sum(p.numel() for p in net.parameters())
@@ -247,7 +251,7 @@ def decoding_copy(net, dtype, dev):
 
 def decode_part(c, dev):
     """ms per decode step of the default model (see step_times); bf16's effect on the logits; recurrent
-    decoding against re-feeding the sequence; the codec's share of real time."""
+    decoding against re-feeding the sequence; the encodec's share of real time."""
     import model as M
     torch.manual_seed(0)
     base = our_model(dict(dropout=0.0), "cpu").eval()
@@ -277,8 +281,8 @@ def decode_part(c, dev):
             sync(dev)
             costs.append(time.time() - t)
     out["refeed_total_s"] = sum((lengths[i + 1] - lengths[i]) * (costs[i] + costs[i + 1]) / 2 for i in range(len(lengths) - 1))
-    codec = common.load_codec("untrained", "", 0, 6.0, dev)      # the codec's share: decoding one 1 s segment
-    stream, codes = common.SegmentStream(codec, 0.1), torch.randint(0, 1024, (1, 4, 150), device=dev)
+    encodec = codec.load_codec("untrained", "", 0, 6.0, dev)      # the encodec's share: decoding one 1 s segment
+    stream, codes = codec.SegmentStream(encodec, 0.1), torch.randint(0, 1024, (1, 4, 150), device=dev)
     with torch.no_grad():
         stream.push(codes)
         sync(dev)
@@ -357,7 +361,7 @@ def long_part(c, dev):
         prefill_s = time.time() - t
         for seconds in (30, 180, 600):
             if positions == "relative":
-                decoder.state["pos"].fill_(seconds * common.FRAME_RATE)
+                decoder.state["pos"].fill_(seconds * codec.FRAME_RATE)
             else:
                 decoder.prefill(tokens, *text)
             for _ in range(3):
@@ -438,33 +442,33 @@ def long_ce_part(c, dev):
 
 
 def generate_part(c, dev):
-    """generate.py's path end to end (tokens with its default sampling, streamed codec decode, MP3 written as it is made),
+    """generate.py's path end to end (tokens with its default sampling, streamed encodec decode, MP3 written as it is made),
     decode_steps per prompt at batch 1 and 4, and the time until the first second of audio is on disk; for
     each of generate_modes (decode=compile twice: its first piece in a process compiles, the second not)."""
     import model as M
     net = decoding_copy(our_model(dict(dropout=0.0), "cpu").eval(), torch.bfloat16, dev)    # generate.py's default at these batches
-    codec = common.load_codec("untrained", "", 0, 6.0, dev)
+    encodec = codec.load_codec("untrained", "", 0, 6.0, dev)
     result = {}
     for requested in c["generate_modes"].split(","):
         mode = decoding.decode_mode(requested, dev, c["decode_steps"])
         for batch in (1, 4):
             for piece in (1, 2) if mode == "compile" else (1,):
                 result[f"{requested}/{piece}/batch{batch}"] = dict(
-                    timed_piece(net, codec, batch, c["decode_steps"], mode, dev), mode=mode, dtype="bfloat16")
+                    timed_piece(net, encodec, batch, c["decode_steps"], mode, dev), mode=mode, dtype="bfloat16")
     return result
 
 
-def timed_piece(net, codec, batch, steps, mode, dev):
+def timed_piece(net, encodec, batch, steps, mode, dev):
     """One generate.py piece of `steps` per prompt for `batch` prompts (generate.py's default sampling, with
     guidance; MP3s written as they are made, through generate.Pieces): seconds in all, and until the first
     second of audio was written."""
     import tempfile
     import generate
     info = dict(step=0, weights="ema", cond_dropout=0.1, data=dict(codec="untrained:seed=0", typical_scale=0.1))
-    session = generate.Session(net, info, random_text, codec, dev, next(net.parameters()).dtype)
+    session = generate.Session(net, info, random_text, encodec, dev, next(net.parameters()).dtype)
     with tempfile.TemporaryDirectory() as tmp:
-        c, _ = session.sampling(dict(common.settings(vars(generate)), prompt=["x"], num_samples=batch,
-                                     seconds=steps / common.FRAME_RATE, decode=mode, out=tmp, window_stride=18.0))
+        c, _ = session.sampling(dict(settings.settings(vars(generate)), prompt=["x"], num_samples=batch,
+                                     seconds=steps / codec.FRAME_RATE, decode=mode, out=tmp, window_stride=18.0))
         sync(dev)
         t, first = time.time(), None
         for _ in generate.Pieces(session, c):
@@ -481,22 +485,22 @@ def encode_part(c, dev):
     import compress
     import example
     import soundfile as sf
-    codec = common.load_codec("untrained", "", 0, 6.0, dev)
+    encodec = codec.load_codec("untrained", "", 0, 6.0, dev)
     g = torch.Generator().manual_seed(0)
-    clips = [torch.randn(2, common.clip_samples(c["encode_seconds"]), generator=g).to(dev) * 0.1 for _ in range(c["encode_clips"])]
-    seconds = sum(x.shape[-1] for x in clips) / common.SAMPLE_RATE
+    clips = [torch.randn(2, codec.clip_samples(c["encode_seconds"]), generator=g).to(dev) * 0.1 for _ in range(c["encode_clips"])]
+    seconds = sum(x.shape[-1] for x in clips) / codec.SAMPLE_RATE
     times = {"loop": [], "batched": []}
     with torch.inference_mode():
         for _ in range(max(1, c["rounds"] // 2)):
             for path in times:
                 sync(dev)
                 t = time.time()
-                common.encode_clips(codec, clips, batched=path == "batched")
+                codec.encode_clips(encodec, clips, batched=path == "batched")
                 sync(dev)
                 times[path].append(time.time() - t)
         decode_t = time.time()
-        codes = [code for code, _ in common.encode_clips(codec, clips[:2])]
-        common.decode_codes(codec, torch.stack(codes), 0.1)
+        codes = [code for code, _ in codec.encode_clips(encodec, clips[:2])]
+        codec.decode_codes(encodec, torch.stack(codes), 0.1)
         sync(dev)
         decode_rate = len(codes) * c["encode_seconds"] / (time.time() - decode_t)
     out = {k: seconds / min(v) for k, v in times.items()}
@@ -530,6 +534,7 @@ def learning_part(c, dev):
     import tempfile
     import deploy
     import model as M
+    import scoring
     import train
     overrides = [f"--{kv}" for kv in (c["learning_model"] + "," + c["learning_config"]).split(",") if kv]
     with tempfile.TemporaryDirectory() as out:
@@ -550,7 +555,7 @@ def learning_part(c, dev):
     with torch.no_grad():
         for i in data.val_ids[:64]:
             codes = torch.from_numpy(data.read(int(i), 0, 2 * seq))[None]
-            tokens, targets, text, mask = train.batch_tensors(codes, [data.texts[int(i)]], text_encoder, model.cfg.pattern,
+            tokens, targets, text, mask = scoring.batch_tensors(codes, [data.texts[int(i)]], text_encoder, model.cfg.pattern,
                                                               model.cfg.vocab, dev)
             logits = model(tokens, text, mask)
             valid = targets >= 0
@@ -567,7 +572,7 @@ def learning_part(c, dev):
 
 def learning_section(c, sub, rate):
     if not c["learning_data"]:
-        raise common.UserError("--parts=learning needs --learning_data=SHARDS: build the development corpus "
+        raise settings.UserError("--parts=learning needs --learning_data=SHARDS: build the development corpus "
                                "(../shared/devcorpus/README.md) and compress it with --clip_seconds=10")
     found = {config: sub(dict(part="learning", learning_config=config), 100 * c["cap_seconds"]) for config in c["learning_configs"].split("|")}
     base = next((r for r in found.values() if "val_loss" in r), {})
@@ -667,7 +672,7 @@ def decode_section(c, sub, rate):
                      f"{full['ms']:.2f} ms = {full['ms'] / two['ms']:.2f}× the step" if full else "",
                      f"{one['setup_s']:.0f} s", " / ".join(str(x["ops"]) for x in (one, two, full) if x) if one.get("ops") else ""])
     best = min(v["ms"] for k, v in r["steps"].items() if k.endswith("/1"))
-    per_second = best * common.FRAME_RATE + r["codec_ms_per_second"]
+    per_second = best * codec.FRAME_RATE + r["codec_ms_per_second"]
     return ([f"### A decode step of the default model ({r['weight_mb']:.0f} MB of fp32 weights read per step)\n",
              f"Limit: those bytes / the weight-read rate, measured between the rounds: **{limit:.2f} ms**. "
              f"Each figure is the median of {c['rounds']} interleaved rounds of 20 steps; what guidance costs, the median "
@@ -737,15 +742,43 @@ PARTS = dict(train=train_step_part, decode=decode_part, long=long_part, long_ce=
              encode=encode_part, learning=learning_part)
 
 
+def commit():
+    """The commit measured (short), with a + where the working tree differs from it."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=os.path.dirname(
+            os.path.abspath(__file__))).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__))).returncode
+    except OSError:
+        return "?"
+    return (sha or "?") + ("+" if sha and dirty else "")
+
+
+def update_current(path, name, lines):
+    """Rewrite the block `<!-- bench.py: NAME -->` ... `<!-- end -->` of the current figures (BENCHMARKS.md) with a
+    section's new lines (its own headings left out). Returns whether the file has that block."""
+    import re
+    if not os.path.exists(path):
+        return False
+    text = open(path, encoding="utf-8").read()
+    start = f"<!-- bench.py: {name} -->"
+    if start not in text:
+        return False
+    body = "\n".join(line for line in lines if not line.startswith("#")).strip()
+    text = re.sub(re.escape(start) + r".*?<!-- end -->", lambda _: f"{start}\n{body}\n<!-- end -->", text, count=1, flags=re.S)
+    with common.atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    return True
+
+
 def main(argv):
-    c = common.parse_settings(globals(), argv)
+    c = settings.parse_settings(globals(), argv)
     dev = common.pick_device(c["device"])
     if c["part"]:
         print(json.dumps(PARTS[c["part"]](c, dev)))
         return 0
     parts = c["parts"].split(",")
     if set(parts) - set(SECTIONS):
-        raise common.UserError(f"parts: unknown {', '.join(sorted(set(parts) - set(SECTIONS)))}; use {', '.join(SECTIONS)}")
+        raise settings.UserError(f"parts: unknown {', '.join(sorted(set(parts) - set(SECTIONS)))}; use {', '.join(SECTIONS)}")
     c["device"] = dev
     rate, read = matmul_rate(dev), weight_read_rate(dev)
     print(f"{machine(dev)}; matmul {rate / 1e9:.0f} GFLOP/s; weight reads {read / 1e9:.1f} GB/s", flush=True)
@@ -755,18 +788,28 @@ def main(argv):
     passed = ("decode_steps", "rounds", "modes", "generate_modes", "long_steps", "long_ce_steps", "encode_clips", "encode_seconds",
               "compress_clips", "learning_data", "learning_steps", "learning_model")
     sub = lambda args, limit=c["cap_seconds"]: run_part(dict(args, device=dev, **{k: c[k] for k in passed}), limit)
-    common.stop_on_sigterm()
+    settings.stop_on_sigterm()
+    sections = {}
     try:
         for part in parts:
-            lines += SECTIONS[part](c, sub, rate)
+            sections[part] = SECTIONS[part](c, sub, rate)
+            lines += sections[part]
     except KeyboardInterrupt:
-        raise common.stopped(f"nothing was written to {c['output']} (it is written once every part has run)") from None
+        raise settings.stopped(f"nothing was written to {c['output']} (it is written once every part has run)") from None
+    stamp = f"{time.strftime('%Y-%m-%d')}, commit {commit()}"
+    lines[0] = f"\n## {machine(dev)} ({stamp})\n"
+    os.makedirs(os.path.dirname(c["output"]) or ".", exist_ok=True)
     if not os.path.exists(c["output"]):
         with open(c["output"], "w") as f:
-            f.write("# Benchmarks\n\nWritten by `python bench.py`. Figures from different machines are in separate sections "
-                    "and are never compared with each other.\n")
+            f.write("# Benchmark log\n\nEvery `python bench.py` run, dated, appended. Figures from different machines are in "
+                    "separate sections and are never compared with each other; BENCHMARKS.md holds the current ones.\n")
     with open(c["output"], "a") as f:
         f.write("\n".join(lines) + "\n")
+    kind = "gpu" if dev.startswith("cuda") else "cpu"
+    for part, block in sections.items():
+        said = update_current(c["current"], f"{part} on {kind}", block + [f"Measured {stamp} on {machine(dev)}: "
+                                                                         f"`{('python bench.py ' + ' '.join(argv)).strip()}`."])
+        print(f"{c['current']}: {part} on {kind} " + ("rewritten" if said else "has no block for it (see the log)"))
     print(f"appended to {c['output']}")
     return 0
 

@@ -13,7 +13,8 @@ import torch
 import common
 import decoding
 import model as M
-from common import UserError
+import settings
+from settings import UserError
 
 CHECKPOINT_FORMAT = 1
 EXPORT_FORMAT = "music-transformer/1"
@@ -179,7 +180,7 @@ class TextEncoder:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
             self.model = AutoModel.from_pretrained(path).eval().to(device)
         except Exception as e:
-            raise UserError(f"could not load the text encoder {name!r} ({type(e).__name__}: {common.first_line(e, 160)}). "
+            raise UserError(f"could not load the text encoder {name!r} ({type(e).__name__}: {settings.first_line(e, 160)}). "
                             f"Without internet use the default --text_encoder={DEFAULT_TEXT_ENCODER}, or a local folder "
                             "holding a Hugging Face BERT-family model") from None
         for p in self.model.parameters():

@@ -27,13 +27,16 @@ import sys
 import time
 from collections import Counter
 
-import common  # first: Ctrl-C while the libraries below load then ends in one line, not a traceback
+import settings  # first: Ctrl-C while the libraries below load then ends in one line, not a traceback
 import h5py
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import SAMPLE_RATE, SEGMENT_STEPS, SEGMENT_STRIDE, UserError
+import audio
+import common
+from codec import FRAME_RATE, SAMPLE_RATE, SEGMENT_STEPS, SEGMENT_STRIDE, clip_samples, codec_name, decode_codes, encode_clips, load_codec, whole_segments
+from settings import UserError
 
 # -----------------------------------------------------------------------------
 # settings: edit here, or override on the command line as --name=value
@@ -181,7 +184,7 @@ def file_pieces(path, rel, clip_segments, min_secs):
         yield dict(summary, reason="empty file")
         return
     summary["sha1"] = file_hash(path)     # how the file is known again after a rename
-    full, hop = common.clip_samples(clip_segments), clip_segments * SEGMENT_STRIDE
+    full, hop = clip_samples(clip_segments), clip_segments * SEGMENT_STRIDE
     clips, buf, buf_start, start, n, kept = [], torch.zeros(2, 0), 0, 0, 0, 0
 
     def add(clip):
@@ -198,7 +201,7 @@ def file_pieces(path, rel, clip_segments, min_secs):
         kept += 1
 
     try:
-        for block in common.stream_48k(path):
+        for block in audio.stream_48k(path):
             if not torch.isfinite(block).all():
                 yield dict(summary, reason="unreadable", detail="contains NaN or infinite samples")
                 return
@@ -211,14 +214,14 @@ def file_pieces(path, rel, clip_segments, min_secs):
                     yield dict(rel=rel, last=False, clips=clips)
                     clips = []
     except Exception as e:
-        yield dict(summary, reason="unreadable", detail=common.first_line(e))
+        yield dict(summary, reason="unreadable", detail=settings.first_line(e))
         return
     if n == 0:
         yield dict(summary, reason="empty file", detail="no samples")
         return
     remainder = n - start
     if remainder >= max(min_secs * SAMPLE_RATE, SAMPLE_RATE):
-        add(buf[:, start - buf_start:start - buf_start + common.clip_samples(common.whole_segments(remainder))].clone())
+        add(buf[:, start - buf_start:start - buf_start + clip_samples(whole_segments(remainder))].clone())
     elif remainder >= SAMPLE_RATE:  # a shorter tail holds no whole codec segment: nothing a clip could have kept
         summary["dropped_seconds"] = remainder / SAMPLE_RATE
     summary.update(clips=clips, seconds=n / SAMPLE_RATE)
@@ -388,31 +391,31 @@ def encoded_clips(shards, attrs):
 
 # -----------------------------------------------------------------------------
 
-def encode_batch(codec, clips, dev, batched, progress=None):
-    """Encode (2, samples) float32 arrays (see common.encode_clips, which calls progress as it goes; on a GPU
+def encode_batch(encodec, clips, dev, batched, progress=None):
+    """Encode (2, samples) float32 arrays (see encode_clips, which calls progress as it goes; on a GPU
     through pinned memory). Returns, in order, (codes int16 (n_q, 150·S), scales float32 (S,))."""
     wavs = [torch.from_numpy(c) for c in clips]
     if dev.startswith("cuda"):
         wavs = [w.pin_memory().to(dev, non_blocking=True) for w in wavs]
     with torch.inference_mode():
-        encoded = common.encode_clips(codec, wavs, batched, progress=progress)
+        encoded = encode_clips(encodec, wavs, batched, progress=progress)
     return [(codes.to(torch.int16).cpu().numpy(), scales.float().cpu().numpy()) for codes, scales in encoded]
 
 
-def check_round_trip(codec, wav, codes, scales, dev, rel, out_dir, n):
+def check_round_trip(encodec, wav, codes, scales, dev, rel, out_dir, n):
     """Decode one encoded clip, write it and the original as MP3 into out_dir/codec_check/, and return
     (rel, signal-to-noise ratio of the round trip in dB, the decoded file's name)."""
     original = torch.from_numpy(wav)
     with torch.inference_mode():
-        decoded = common.decode_codes(codec, torch.from_numpy(codes).long()[None].to(dev),
+        decoded = decode_codes(encodec, torch.from_numpy(codes).long()[None].to(dev),
                                       torch.from_numpy(scales)[None].to(dev))[0].float().cpu()
     noise = (original - decoded).pow(2).sum()
     snr = float(10 * torch.log10(original.pow(2).sum() / noise.clamp_min(1e-20)))
     folder = os.path.join(out_dir, "codec_check")
     os.makedirs(folder, exist_ok=True)
     name = os.path.join(folder, f"{n:02d}_{common.slug(os.path.splitext(rel)[0])}")
-    common.write_audio(f"{name}.original.mp3", original, overwrite=False)
-    return rel, snr, common.write_audio(f"{name}.codec.mp3", decoded, overwrite=False)
+    audio.write_audio(f"{name}.original.mp3", original, overwrite=False)
+    return rel, snr, audio.write_audio(f"{name}.codec.mp3", decoded, overwrite=False)
 
 
 def report_codec_check(checks, out_dir, codec_name):
@@ -439,7 +442,7 @@ def durations(paths):
 
     def seconds(path):
         try:
-            return common.audio_seconds(path) or 0.0
+            return audio.audio_seconds(path) or 0.0
         except (ValueError, OSError, subprocess.SubprocessError):
             return 0.0
     with ThreadPoolExecutor(8) as pool:
@@ -471,7 +474,7 @@ def validate(cfg):
 
 
 def find_audio(root, out_dir):
-    """The audio files under root, by their names (common.AUDIO_EXTENSIONS), as sorted paths relative to it,
+    """The audio files under root, by their names (audio.AUDIO_EXTENSIONS), as sorted paths relative to it,
     each real file once: links are followed, but a folder reached twice (a link loop, two links to one
     folder) is read once, and a file reached by two paths is read under the first. Also {extension: count}
     of the other files, which are not read (label files, sidecars and hidden files apart)."""
@@ -484,11 +487,11 @@ def find_audio(root, out_dir):
             continue
         seen.add((st.st_dev, st.st_ino))
         dirs.sort()
-        stems = {os.path.splitext(n)[0] for n in names if n.lower().endswith(common.AUDIO_EXTENSIONS)}
+        stems = {os.path.splitext(n)[0] for n in names if n.lower().endswith(audio.AUDIO_EXTENSIONS)}
         for name in sorted(names):
             path = os.path.join(folder, name)
             stem, ext = os.path.splitext(name)
-            if not ext.lower() in common.AUDIO_EXTENSIONS:
+            if not ext.lower() in audio.AUDIO_EXTENSIONS:
                 label = name in ("metadata.csv", "metadata.jsonl") or (ext.lower() in (".txt", ".json") and stem in stems)
                 if not (label or name.startswith(".")):
                     other[ext.lower() or "(no extension)"] += 1
@@ -503,7 +506,7 @@ def find_audio(root, out_dir):
     if not files:
         held = f" (it holds {sum(other.values())} files of other kinds: {kinds(other)})" if other else ""
         raise UserError(f"no audio files found under {root}{held}; compress.py reads the formats ffmpeg decodes, by "
-                        f"their names: {', '.join(common.AUDIO_EXTENSIONS)}")
+                        f"their names: {', '.join(audio.AUDIO_EXTENSIONS)}")
     return sorted(files), other
 
 
@@ -597,8 +600,8 @@ class Encoding:
     and each file, once all its clips are encoded, goes to the shard writer, in file order. Counts what
     it did and where the time went."""
 
-    def __init__(self, cfg, codec, dev, writer, labels, root, out_dir, to_check, show_progress, total_seconds):
-        self.cfg, self.codec, self.dev, self.writer, self.labels = cfg, codec, dev, writer, labels
+    def __init__(self, cfg, encodec, dev, writer, labels, root, out_dir, to_check, show_progress, total_seconds):
+        self.cfg, self.codec, self.dev, self.writer, self.labels = cfg, encodec, dev, writer, labels
         self.root, self.out_dir, self.to_check = root, out_dir, to_check
         self.batched = cfg["encode"] == "batched" or (cfg["encode"] == "auto" and dev.startswith("cuda"))
         self.stats, self.skipped, self.busy = Counter(), Counter(), Counter()
@@ -720,7 +723,7 @@ class Encoding:
                 self.flush()
             finally:
                 signal.signal(signal.SIGINT, previous)
-            raise common.stopped(f"the files this run encoded ({self.stats['files']}) are in the shards in {self.out_dir}; "
+            raise settings.stopped(f"the files this run encoded ({self.stats['files']}) are in the shards in {self.out_dir}; "
                                  "run the same command again to go on from there" if self.stats["files"] else
                                  "before the first file was encoded: nothing was written; run the same command again to "
                                  "start") from None
@@ -729,7 +732,7 @@ class Encoding:
 
     def summary(self, attrs, orphans, twice, other):
         s, took = self.stats, max(1e-9, time.time() - self.t0)
-        print(f"done in {took:.0f} s: {s['files']} files → {s['clips']} clips, {s['steps'] / common.FRAME_RATE / 3600:.2f} h "
+        print(f"done in {took:.0f} s: {s['files']} files → {s['clips']} clips, {s['steps'] / FRAME_RATE / 3600:.2f} h "
               f"of audio (codec {attrs['codec']}, {s['encoded_seconds'] / took:.1f} audio-s/s), shards in {self.out_dir}; "
               "time spent " + ", ".join(f"{k} {v / took:.0%}" for k, v in self.busy.items()))
         print(f"skipped files: {sum(self.skipped.values())}" + "".join(f", {k}: {v}" for k, v in sorted(self.skipped.items())))
@@ -753,7 +756,7 @@ class Encoding:
 
 
 def main(argv):
-    cfg = common.parse_settings(globals(), argv)
+    cfg = settings.parse_settings(globals(), argv)
     validate(cfg)
     rank, local_rank, world = common.distributed_env()
     dev = common.pick_device(cfg["device"])
@@ -762,9 +765,9 @@ def main(argv):
     root, out_dir = os.path.abspath(cfg["input"]), os.path.abspath(cfg["output"])
     common.check_writable(out_dir, "output")
     common.remove_stale_temps(os.path.join(glob.escape(out_dir), f"shard-r{rank:03d}-*.h5"))   # from killed runs
-    n_q = int(cfg["bandwidth"] * 1000 // (common.FRAME_RATE * 10))
-    attrs = dict(format_version=FORMAT_VERSION, sample_rate=SAMPLE_RATE, frame_rate=common.FRAME_RATE, n_q=n_q,
-                 bandwidth=float(cfg["bandwidth"]), codec=common.codec_name(cfg["codec"], cfg["codec_seed"]),
+    n_q = int(cfg["bandwidth"] * 1000 // (FRAME_RATE * 10))
+    attrs = dict(format_version=FORMAT_VERSION, sample_rate=SAMPLE_RATE, frame_rate=FRAME_RATE, n_q=n_q,
+                 bandwidth=float(cfg["bandwidth"]), codec=codec_name(cfg["codec"], cfg["codec_seed"]),
                  clip_seconds=int(cfg["clip_seconds"]), segment_steps=SEGMENT_STEPS, segment_stride_samples=SEGMENT_STRIDE)
     files, other = find_audio(root, out_dir)
     labels, orphans, twice = load_labels(root, files)
@@ -776,18 +779,18 @@ def main(argv):
         print(f"nothing to encode: every file is in the shards; {os.path.join(out_dir, common.INDEX)} says what the data is now")
         return 0
 
-    codec = common.load_codec(cfg["codec"], cfg["codec_weights"], cfg["codec_seed"], cfg["bandwidth"], dev)
+    encodec = load_codec(cfg["codec"], cfg["codec_weights"], cfg["codec_seed"], cfg["bandwidth"], dev)
     if cfg["codec"] == "untrained":
         print(f"NOTE: codec=untrained ({attrs['codec']}): random Encodec weights, for tests and demos only. "
-              "Tokens are not those of the real codec, and audio decoded from them will not sound like music.")
+              "Tokens are not those of the real encodec, and audio decoded from them will not sound like music.")
     os.makedirs(out_dir, exist_ok=True)
     writer = ShardWriter(out_dir, rank, cfg["clip_seconds"] * SEGMENT_STEPS, cfg["clip_seconds"], attrs)
     n_check = min(cfg["check_codec"], len(todo)) if rank == 0 else 0
     to_check = {todo[i * len(todo) // n_check] for i in range(n_check)} if n_check else set()
     jobs = [(os.path.join(root, rel), rel, cfg["clip_seconds"], cfg["min_seconds"]) for rel in todo]
     seconds = durations([job[0] for job in jobs])
-    encoding = Encoding(cfg, codec, dev, writer, labels, root, out_dir, to_check, rank == 0, sum(seconds))
-    common.stop_on_sigterm()
+    encoding = Encoding(cfg, encodec, dev, writer, labels, root, out_dir, to_check, rank == 0, sum(seconds))
+    settings.stop_on_sigterm()
     try:
         encoding.run(read_in_order(jobs, cfg["num_workers"]), seconds)
     finally:       # finished or stopped: the index says what is in the shards now

@@ -13,15 +13,17 @@ import glob
 import os
 import sys
 
-import common  # first: Ctrl-C while the libraries below load then ends in one line, not a traceback
+import settings  # first: Ctrl-C while the libraries below load then ends in one line, not a traceback
 import h5py
 import numpy as np
 import torch
 
+import audio
 import checkpoint
+import common
 import decoding
 import model as M
-from common import UserError
+from settings import UserError
 
 # -----------------------------------------------------------------------------
 # settings: edit here, or override on the command line as --name=value
@@ -120,10 +122,10 @@ class Shards:
     def __init__(self, folder):
         self.paths = sorted(glob.glob(os.path.join(glob.escape(folder), "*.h5")))
         if not os.path.isdir(folder) or not self.paths:
-            audio = os.path.isdir(folder) and any(f.lower().endswith(common.AUDIO_EXTENSIONS) for _, _, files in os.walk(folder)
+            holds_audio = os.path.isdir(folder) and any(f.lower().endswith(audio.AUDIO_EXTENSIONS) for _, _, files in os.walk(folder)
                                                   for f in files)     # the audio folder itself, or one above it
             raise UserError(f"no .h5 shards in --data={folder!r}: run compress.py first, e.g. python compress.py "
-                            + (f"--input={folder} --output=data/, then --data=data/" if audio else f"--input=music/ --output={folder}"))
+                            + (f"--input={folder} --output=data/, then --data=data/" if holds_audio else f"--input=music/ --output={folder}"))
         self.attrs, stored = None, []      # stored: per shard, (lengths, labels, sources, scales) as written
         for path in self.paths:
             try:
@@ -407,7 +409,7 @@ def resolve(cfg, given):
             raise UserError(f"--init_from={cfg['init_from']} was trained with text_encoder={info['text_encoder']}: drop --text_encoder")
         cfg = {**cfg, **shape, "text_encoder": info["text_encoder"]}
         init = dict(weights=source.state_dict(), codec=info["data"]["codec"])
-    common.check_ranges(cfg, RANGES)
+    settings.check_ranges(cfg, RANGES)
     try:                        # the model's settings, before any work (train.build makes it from the same ones)
         M.ModelConfig(**{k: cfg[k] for k in M.MODEL_SETTINGS}).validate()
     except ValueError as e:
@@ -432,7 +434,7 @@ def with_preset(cfg, given):
 
 def main(argv):
     given = set()
-    cfg = with_preset(common.parse_settings(globals(), argv, given), given)
+    cfg = with_preset(settings.parse_settings(globals(), argv, given), given)
     cfg, ckpt, init = resolve(cfg, given)
     rank, local_rank, world = common.distributed_env()
     if rank != 0:

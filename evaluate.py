@@ -13,20 +13,20 @@ With the run's own data (its checkpoint names its shards), the clips scored are 
 otherwise val_fraction of the clips of --data, drawn with --seed, and the rest play the training clips'
 part (baselines, centroids, the real-clips reference).
 """
-import json
 import os
 import sys
 from types import SimpleNamespace
 
-import common  # first: Ctrl-C while the libraries below load then ends in one line, not a traceback
+import settings  # first: Ctrl-C while the libraries below load then ends in one line, not a traceback
 import torch
 
 import checkpoint
+import common
 import decoding
 import deploy
 import quality
-import train
-from common import UserError
+import scoring
+from settings import UserError
 
 # -----------------------------------------------------------------------------
 # settings: edit here, or override on the command line as --name=value
@@ -85,10 +85,10 @@ def sampling_grid(c, own):
 
 
 def main(argv):
-    c = common.parse_settings(globals(), argv)
+    c = settings.parse_settings(globals(), argv)
     if not c["ckpt"] or not c["data"]:
         raise UserError("give the model and the shards to score it on: --ckpt=RUN_FOLDER --data=SHARDS_FOLDER")
-    common.check_ranges(c, dict(samples="[0, 100000]", seconds="[1, 600]", eval_clips="[1, inf)", seq_len="[0, inf)",
+    settings.check_ranges(c, dict(samples="[0, 100000]", seconds="[1, 600]", eval_clips="[1, inf)", seq_len="[0, inf)",
                                 batch_size="[1, 65536]", val_fraction="(0, 1)", seed="[0, 4294967295]"))
     dev = common.pick_device(c["device"])
     model, info = checkpoint.load_model(c["ckpt"], ema=c["ema"], device=dev)
@@ -103,19 +103,19 @@ def main(argv):
                           codec_weights=c["codec_weights"], seed=c["seed"], cond_dropout=info["cond_dropout"])
     text_encoder = checkpoint.TextEncoder(info["text_encoder"], dev)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.startswith("cuda") else torch.autocast("cpu", enabled=False)
-    scores = dict(train.baselines(data, run, model.cfg.vocab))
-    scores.update(train.evaluate(model, data, run, text_encoder, dev, autocast) or {})
-    reference, prompts = train.make_reference(data, run, info["data"], model.cfg.vocab, dev)
+    scores = dict(scoring.baselines(data, run, model.cfg.vocab))
+    scores.update(scoring.evaluate(model, data, run, text_encoder, dev, autocast) or {})
+    reference, prompts = scoring.make_reference(data, run, info["data"], model.cfg.vocab, dev)
     scored = []
     if reference is not None:
-        scores.update(reference.references, nll_real=train.nll(model, text_encoder, reference.val_clips, reference.val_labels, dev))
-        scored = train.score_grid(model, text_encoder, reference, prompts, run, dev, grid)
+        scores.update(reference.references, nll_real=scoring.nll(model, text_encoder, reference.val_clips, reference.val_labels, dev))
+        scored = scoring.score_grid(model, text_encoder, reference, prompts, run, dev, grid)
     report(scores)
     if scored:
         best = quality.choose_sampling(scored) if len(scored) > 1 else None
         where = "its own choice" if info.get("sampling") else "the defaults (its run has not chosen its own)"
         print(f"samples: {len(prompts)} of {c['seconds']:g} s for the validation clips' labels; auto = {where}\n"
-              + train.sampling_table(scored, scores, best))
+              + scoring.sampling_table(scored, scores, best))
         if best is not None:
             print(f"closest to the real clips among the settings that follow the label about as well as the best: "
                   f"{decoding.describe(best)}; to use it: python generate.py --ckpt={c['ckpt']} "

@@ -11,8 +11,11 @@ otherwise the untrained codec, and then the audio is noise, not music (it says s
 import os
 import sys
 
-import common  # first: Ctrl-C while the libraries below load then ends in one line, not a traceback
+import settings  # first: Ctrl-C while the libraries below load then ends in one line, not a traceback
 import numpy as np
+
+from codec import load_codec
+import common
 
 SR = 48_000
 KINDS = ("arpeggio", "pad", "drums")
@@ -94,7 +97,7 @@ def start_fresh(out, folders):
     import shutil
     if os.path.exists(out) and not os.path.exists(os.path.join(out, MARKER)):
         if not os.path.isdir(out) or os.listdir(out):
-            raise common.UserError(f"--out={out} already exists and was not made by example.py: choose another --out "
+            raise settings.UserError(f"--out={out} already exists and was not made by example.py: choose another --out "
                                    "(example.py only deletes folders it made itself)")
     common.check_writable(out, "out")
     os.makedirs(out, exist_ok=True)
@@ -108,26 +111,26 @@ def main(argv):
     import compress
     import deploy
     import generate
-    c = common.parse_settings(globals(), argv)
-    common.check_ranges(c, dict(clips_per_label="[1, 1000]", clip_seconds="[2, 600]", steps="[1, 1000000]", seconds="(0, 600]"))
+    c = settings.parse_settings(globals(), argv)
+    settings.check_ranges(c, dict(clips_per_label="[1, 1000]", clip_seconds="[2, 600]", steps="[1, 1000000]", seconds="(0, 600]"))
     folders = music, data, run, samples = [os.path.join(c["out"], d) for d in ("music", "data", "run", "samples")]
     start_fresh(c["out"], folders)
-    codec, weights = c["codec"], [f"--codec_weights={c['codec_weights']}"] if c["codec_weights"] else []
-    if codec == "auto":
+    encodec, weights = c["codec"], [f"--codec_weights={c['codec_weights']}"] if c["codec_weights"] else []
+    if encodec == "auto":
         try:
-            common.load_codec("pretrained", c["codec_weights"])
-            codec = "pretrained"
+            load_codec("pretrained", c["codec_weights"])
+            encodec = "pretrained"
         except SystemExit as e:
             reason = str(e.code).removeprefix("error: ").split(". Either")[0]
-            print("NOTE: this demo uses the UNTRAINED codec: the pipeline runs end to end, but the MP3s will sound like "
+            print("NOTE: this demo uses the UNTRAINED encodec: the pipeline runs end to end, but the MP3s will sound like "
                   "noise, not music. For real audio, download the weights (README: Set-up) and run python example.py "
                   f"--codec_weights=PATH/encodec_48khz-7e698e3e.th\n(why: {reason})\n")
-            codec = "untrained"
+            encodec = "untrained"
 
     print(f"1/4 synthesising {4 * len(KINDS) * c['clips_per_label']} labelled clips in {music}")
     labels = make_dataset(music, c["clips_per_label"], seconds=c["clip_seconds"])
     print(f"2/4 compress.py → {data}")
-    compress.main(["--input", music, "--output", data, f"--codec={codec}", *weights, f"--clip_seconds={c['clip_seconds']}",
+    compress.main(["--input", music, "--output", data, f"--codec={encodec}", *weights, f"--clip_seconds={c['clip_seconds']}",
                    f"--min_seconds={min(5, c['clip_seconds'])}", "--num_workers=2", "--check_codec=4"])
     print(f"3/4 deploy.py --preset=tiny: a tiny model for {c['steps']} steps → {run}, with a few samples at the end on its page")
     deploy.main(["--data", data, "--out", run, "--preset=tiny", f"--max_steps={c['steps']}", f"--sample_interval={c['steps']}",
@@ -138,7 +141,7 @@ def main(argv):
                    *[f"--prompt={label}" for label in labels]])
     print(f"\ndone. dataset: {music}  tokens: {data}  run (ckpt.pt, metrics.jsonl, loss.png): {run}  MP3s: {samples}\n"
           f"listen: open {os.path.join(run, 'index.html')} in a browser (curves, samples with players and spectrograms)"
-          + ("\n(untrained codec: the MP3s are noise by construction, see README.md)" if codec == "untrained" else ""))
+          + ("\n(untrained encodec: the MP3s are noise by construction, see README.md)" if encodec == "untrained" else ""))
     return 0
 
 

@@ -11,9 +11,12 @@ typical loudness of the training data, whether it was trained for guidance, and 
 import os
 import sys
 
-import common
+import settings  # first: Ctrl-C while the libraries below load then ends in one line, not a traceback
+
 import checkpoint
-from common import UserError
+import codec
+import common
+from settings import UserError
 
 # -----------------------------------------------------------------------------
 # settings: edit here, or override on the command line as --name=value
@@ -29,7 +32,7 @@ def export(ckpt_path, out_dir, ema=True):
     data = {k: v for k, v in info["data"].items() if k not in ("shards", "validation")}   # what generate.py needs
     config = dict(format=checkpoint.EXPORT_FORMAT, model=info["model"], text_encoder=info["text_encoder"], data=data,
                   cond_dropout=info["cond_dropout"], step=info["step"], weights=info["weights"], seq_len=info.get("seq_len"),
-                  sampling=info.get("sampling"), sample_rate=common.SAMPLE_RATE, frame_rate=common.FRAME_RATE)
+                  sampling=info.get("sampling"), sample_rate=codec.SAMPLE_RATE, frame_rate=codec.FRAME_RATE)
     from safetensors.torch import save_file
     os.makedirs(out_dir, exist_ok=True)
     weights = os.path.join(out_dir, "model.safetensors")
@@ -67,12 +70,12 @@ def upload(out_dir, repo):
         api.upload_folder(folder_path=out_dir, repo_id=repo)
     except Exception as e:
         raise UserError(f"could not upload {out_dir} to the Hugging Face Hub as {repo} ({type(e).__name__}: "
-                        f"{common.first_line(e, 160)}): it needs internet and a login "
+                        f"{settings.first_line(e, 160)}): it needs internet and a login "
                         "(huggingface-cli login); the exported folder itself is complete") from None
 
 
 def main(argv):
-    c = common.parse_settings(globals(), argv)
+    c = settings.parse_settings(globals(), argv)
     if not c["ckpt"]:
         raise UserError("--ckpt is missing: give a checkpoint written by deploy.py, e.g. --ckpt=runs/lofi/ckpt.pt")
     if not c["out"]:

@@ -16,14 +16,17 @@ import sys
 import time
 import warnings
 
-import common  # first: Ctrl-C while the libraries below load then ends in one line, not a traceback
+import settings  # first: Ctrl-C while the libraries below load then ends in one line, not a traceback
 import torch
 from tqdm import tqdm
 
+import audio
 import checkpoint
+import codec
+import common
 import decoding
 import model as M
-from common import UserError
+from settings import UserError
 
 # -----------------------------------------------------------------------------
 # settings: edit here, or override on the command line as --name=value
@@ -69,7 +72,7 @@ def validate(c):
     if not os.path.exists(c["ckpt"]):
         raise UserError(f"no model at --ckpt={c['ckpt']}: give a run folder of deploy.py (its --out), its ckpt.pt, or a "
                         f"folder written by export.py{found_here()}")
-    common.check_ranges(c, dict(seconds="(0, 36000]", num_samples="[1, 1000]", gain_db="[-60, 60]", seed="[0, 9.2e18]",
+    settings.check_ranges(c, dict(seconds="(0, 36000]", num_samples="[1, 1000]", gain_db="[-60, 60]", seed="[0, 9.2e18]",
                                 window_stride="(0, 36000]"))
     for name in decoding.SAMPLING_RANGES:
         if c[name] != "auto":
@@ -77,8 +80,8 @@ def validate(c):
                 c[name] = decoding.sampling_value(name, c[name])
             except ValueError as e:
                 raise UserError(f"{e} (or auto: the model's own choice)") from None
-    if round(c["seconds"] * common.FRAME_RATE) < 1:
-        raise UserError(f"seconds={c['seconds']} is shorter than one codec step (1/{common.FRAME_RATE} s): ask for more")
+    if round(c["seconds"] * codec.FRAME_RATE) < 1:
+        raise UserError(f"seconds={c['seconds']} is shorter than one codec step (1/{codec.FRAME_RATE} s): ask for more")
     for name, allowed in (("format", ("mp3", "wav")), ("decode", ("auto", "eager", "compile", "graph")),
                           ("decode_dtype", ("auto", "float32", "bfloat16"))):
         if c[name] not in allowed:
@@ -87,9 +90,9 @@ def validate(c):
         if not os.path.isfile(c["continue_from"]):
             raise UserError(f"cannot read --continue_from={c['continue_from']!r}: no such file")
         try:
-            seconds = common.audio_seconds(c["continue_from"])
+            seconds = audio.audio_seconds(c["continue_from"])
         except (ValueError, OSError) as e:
-            raise UserError(f"cannot read --continue_from={c['continue_from']!r} as audio ({common.first_line(e)})") from None
+            raise UserError(f"cannot read --continue_from={c['continue_from']!r} as audio ({settings.first_line(e)})") from None
         if seconds is not None and seconds < 1:
             raise UserError(f"--continue_from={c['continue_from']!r} holds {seconds:.2f} s of audio: give at least 1 s")
 
@@ -122,8 +125,8 @@ class Session:
     CUDA graph is captured once per shape and sampling settings, and replayed by every later request that
     has them)."""
 
-    def __init__(self, model, info, text_encoder, codec, device, dtype, ckpt=""):
-        self.model, self.info, self.text_encoder, self.codec = model, info, text_encoder, codec
+    def __init__(self, model, info, text_encoder, encodec, device, dtype, ckpt=""):
+        self.model, self.info, self.text_encoder, self.codec = model, info, text_encoder, encodec
         self.dev, self.dtype, self.ckpt, self.decoders = device, dtype, ckpt, {}
 
     @classmethod
@@ -131,7 +134,7 @@ class Session:
         model, info = checkpoint.load_model(ckpt, ema=ema)
         decoding.for_decoding(model, device, dtype)
         return cls(model, info, checkpoint.TextEncoder(info["text_encoder"], device),
-                   common.codec_for(info["data"], codec_weights, device), device, dtype, ckpt)
+                   codec.codec_for(info["data"], codec_weights, device), device, dtype, ckpt)
 
     def sampling(self, c):
         """c with its sampling settings that are auto filled in: the model's own choice (its run's last
@@ -163,18 +166,18 @@ class Pieces:
     def __init__(self, session, c):
         model_cfg, data = session.model.cfg, session.info["data"]
         self.session, self.c = session, c
-        self.steps, self.samples = common.steps_for(c["seconds"])      # exactly the length asked, to the sample
+        self.steps, self.samples = codec.steps_for(c["seconds"])      # exactly the length asked, to the sample
         self.mode = decoding.decode_mode(c["decode"], session.dev, self.steps)
         self.prompts = [p for p in c["prompt"] for _ in range(c["num_samples"])]
         self.codes = torch.full((len(self.prompts), model_cfg.n_q, self.steps), M.UNKNOWN, dtype=torch.long, device=session.dev)
         self.scale = data["typical_scale"]
         if c["continue_from"]:
-            print(f"continuing {c['continue_from']}: reading its last {model_cfg.max_len / common.FRAME_RATE:g} s at most")
+            print(f"continuing {c['continue_from']}: reading its last {model_cfg.max_len / codec.FRAME_RATE:g} s at most")
             given, self.scale = prompt_codes(c, session.codec, model_cfg, self.steps, session.dev)
             self.codes[..., :given.shape[-1]] = given
         names = [n + (f"_{i}" if c["num_samples"] > 1 else "") for n in common.file_names(c["prompt"]) for i in range(c["num_samples"])]
         self.targets = [os.path.join(c["out"], f"{name}.{c['format']}") for name in names]
-        stride = round(c["window_stride"] * common.FRAME_RATE)
+        stride = round(c["window_stride"] * codec.FRAME_RATE)
         self.stride = stride if stride < model_cfg.max_len else model_cfg.max_len * 3 // 5
         self.writers, self.paths, self.kept = [], [], []
 
@@ -183,13 +186,13 @@ class Pieces:
         carry_on = cfg.positions == "relative" and cfg.attention == "favor"
         return (f"{len(self.prompts)} × {self.c['seconds']:g} s, decoding {self.mode} in {str(self.session.dtype).removeprefix('torch.')} "
                 f"on {self.session.dev}; " + ("the state carries on at any length" if carry_on or self.steps <= cfg.max_len else
-                                              f"past {cfg.max_len / common.FRAME_RATE:g} s by windows, a new one every "
-                                              f"{self.stride / common.FRAME_RATE:g} s"))
+                                              f"past {cfg.max_len / codec.FRAME_RATE:g} s by windows, a new one every "
+                                              f"{self.stride / codec.FRAME_RATE:g} s"))
 
     def __iter__(self):
-        c, s = self.c, self.session
+        c = self.c
         os.makedirs(c["out"], exist_ok=True)
-        self.writers = [common.AudioWriter(p, c["format"], c["bitrate"], c["overwrite"]) for p in self.targets]
+        self.writers = [audio.AudioWriter(p, c["format"], c["bitrate"], c["overwrite"]) for p in self.targets]
         try:
             yield from self._stream()
             for i, writer in enumerate(self.writers):
@@ -197,32 +200,32 @@ class Pieces:
                 self.paths.append(path)
                 if c["spectrogram"]:
                     with common.disk_errors(path + ".png", f"{path} and its .json are finished"):
-                        common.write_spectrogram(path + ".png", common.load_audio(path))
+                        audio.write_spectrogram(path + ".png", audio.load_audio(path))
         except BaseException:
             self.kept = [path for path in (w.abort() for w in self.writers) if path]
             raise
 
     def _stream(self):
         c, s, codes = self.c, self.session, self.codes
-        stream, gain = common.SegmentStream(s.codec, self.scale), 10 ** (c["gain_db"] / 20)
+        stream, gain = codec.SegmentStream(s.codec, self.scale), 10 ** (c["gain_db"] / 20)
         decoded, written = 0, 0
 
-        def write(audio):
+        def write(wavs):
             nonlocal written
-            audio = audio[..., :self.samples - written].cpu() * gain
-            for writer, wav in zip(self.writers, audio):
+            wavs = wavs[..., :self.samples - written].cpu() * gain
+            for writer, wav in zip(self.writers, wavs):
                 writer.write(wav)
-            written += audio.shape[-1]
-            return written / common.SAMPLE_RATE, audio
+            written += wavs.shape[-1]
+            return written / codec.SAMPLE_RATE, wavs
 
         sampler = decoding.generate(s.model, s.text_encoder, self.prompts, codes, seed=c["seed"], top_k=c["top_k"],
                                     top_p=c["top_p"], temperature=c["temperature"], cfg=c["cfg"], stride=self.stride,
                                     mode=self.mode, decoders=s.decoders)
         with torch.no_grad():
             for start, end in sampler:
-                while end - decoded >= common.SEGMENT_STEPS or (end == self.steps and decoded < self.steps):
-                    yield write(stream.push(codes[..., decoded:decoded + common.SEGMENT_STEPS]))
-                    decoded = min(self.steps, decoded + common.SEGMENT_STEPS)
+                while end - decoded >= codec.SEGMENT_STEPS or (end == self.steps and decoded < self.steps):
+                    yield write(stream.push(codes[..., decoded:decoded + codec.SEGMENT_STEPS]))
+                    decoded = min(self.steps, decoded + codec.SEGMENT_STEPS)
             if stream.tail is not None:
                 yield write(stream.finish())
 
@@ -230,11 +233,11 @@ class Pieces:
         """Piece i's .json: every setting it was made with, and its codes, so it can be made again."""
         c, s = self.c, self.session
         return dict(prompt=self.prompts[i], seed=c["seed"], batch_index=i, batch_prompts=self.prompts,
-                    seconds=self.samples / common.SAMPLE_RATE, samples=self.samples, steps=self.steps, top_k=c["top_k"],
+                    seconds=self.samples / codec.SAMPLE_RATE, samples=self.samples, steps=self.steps, top_k=c["top_k"],
                     top_p=c["top_p"], temperature=c["temperature"], cfg=c["cfg"], window_stride=c["window_stride"],
                     gain_db=c["gain_db"], scale=self.scale, continue_from=c["continue_from"], format=c["format"],
                     decode=self.mode, decode_dtype=str(s.dtype), ckpt=os.path.abspath(s.ckpt), ckpt_step=s.info["step"],
-                    weights=s.info["weights"], codec=s.info["data"]["codec"], sample_rate=common.SAMPLE_RATE,
+                    weights=s.info["weights"], codec=s.info["data"]["codec"], sample_rate=codec.SAMPLE_RATE,
                     codes=self.codes[i].tolist())
 
     def stopped(self):
@@ -244,28 +247,29 @@ class Pieces:
         return where + (f" (finished before it: {', '.join(self.paths)})" if self.paths else "")
 
 
-def prompt_codes(c, codec, model_cfg, steps, dev):
+def prompt_codes(c, encodec, model_cfg, steps, dev):
     """The continuation's codes (n_q, P) and loudness: the last window of the audio file at most."""
-    window = model_cfg.max_len / common.FRAME_RATE
+    window = model_cfg.max_len / codec.FRAME_RATE
     try:
-        wav = common.load_audio(c["continue_from"], last_seconds=window)
+        wav = audio.load_audio(c["continue_from"], last_seconds=window)
     except Exception as e:
-        raise UserError(f"cannot read --continue_from={c['continue_from']!r} ({common.first_line(e)})") from None
-    segments = common.whole_segments(wav.shape[1])
-    if segments == 0 or segments * common.SEGMENT_STEPS >= steps:
+        raise UserError(f"cannot read --continue_from={c['continue_from']!r} ({settings.first_line(e)})") from None
+    segments = codec.whole_segments(wav.shape[1])
+    if segments == 0 or segments * codec.SEGMENT_STEPS >= steps:
         raise UserError(f"--continue_from must hold at least 1 s of audio and be shorter than --seconds={c['seconds']}")
     with torch.no_grad():
-        [(codes, scales)] = common.encode_clips(codec, [wav[:, :common.clip_samples(segments)].to(dev)])
+        [(codes, scales)] = codec.encode_clips(encodec, [wav[:, :codec.clip_samples(segments)].to(dev)])
     return codes, float(scales.median())
 
 
 def main(argv):
-    c = common.parse_settings(globals(), argv)
+    c = settings.parse_settings(globals(), argv)
     validate(c)
     common.check_writable(c["out"], "out")
     dev = common.pick_device(c["device"])
     rows = len(c["prompt"]) * c["num_samples"] * (2 if c["cfg"] != 1 else 1)
     check_device(c, dev)                        # before the model is loaded
+    print(f"loading {c['ckpt']} (the model, its text encoder and codec) on {dev}", flush=True)
     session = Session.load(c["ckpt"], c["ema"], dev, weights_dtype(c["decode_dtype"], dev, rows), c["codec_weights"])
     c, line = session.sampling(c)
     print(line)
@@ -279,12 +283,12 @@ def main(argv):
         print("the first steps compile the decoder: the bar starts after (seconds when torch's compile cache holds it, "
               "about a minute the first time on a CPU)")
     t0 = time.time()
-    common.stop_on_sigterm()
+    settings.stop_on_sigterm()
     with common.disk_errors(c["out"], "the files finished before it are intact"):
         try:
             with_a_bar(job)
         except KeyboardInterrupt:                  # Ctrl-C or SIGTERM: one line, no traceback
-            raise common.stopped(job.stopped()) from None
+            raise settings.stopped(job.stopped()) from None
         except BaseException:
             print(f"\nstopped: {job.stopped()}", file=sys.stderr)
             raise
@@ -304,7 +308,7 @@ def with_a_bar(job):
         try:
             for seconds, _ in job:
                 if bar is None:
-                    bar = tqdm(total=job.samples / common.SAMPLE_RATE, unit="s", dynamic_ncols=True, bar_format=
+                    bar = tqdm(total=job.samples / codec.SAMPLE_RATE, unit="s", dynamic_ncols=True, bar_format=
                                "{l_bar}{bar}| {n:.1f}/{total:.1f} s of audio [{elapsed}<{remaining}{postfix}]")
                     t0, first = time.time(), seconds
                 bar.update(seconds - bar.n)

@@ -15,14 +15,15 @@ import soundfile as sf
 import app
 import common
 import generate
+import settings
 from conftest import CHROMIUM_FLAGS, ROOT
 
 ARGS = dict(seconds=1, cfg=3.0, top_k=250, top_p=1.0, temperature=1.0, seed=7, random_seed=False, num_samples=1,
             continue_from=None)
 
 
-def settings(ckpt, out):
-    return dict(common.settings(vars(app)), ckpt=str(ckpt), out=str(out), device="cpu")
+def app_settings(ckpt, out):
+    return dict(settings.settings(vars(app)), ckpt=str(ckpt), out=str(out), device="cpu")
 
 
 def ask(session, c, prompts, **changes):
@@ -31,7 +32,7 @@ def ask(session, c, prompts, **changes):
 
 
 def test_the_page_makes_what_generate_py_makes(tiny_ckpt, tmp_path):
-    c = settings(tiny_ckpt, tmp_path / "app")
+    c = app_settings(tiny_ckpt, tmp_path / "app")
     session = app.load(c)
     updates = ask(session, c, "calm minor pad\nupbeat drums\n")
     streamed = [np.concatenate([u[1][i][1] for u in updates if u[1]]) for i in range(2)]
@@ -52,7 +53,7 @@ def test_the_page_makes_what_generate_py_makes(tiny_ckpt, tmp_path):
 
 
 def test_bad_input_is_one_line_before_any_work(tiny_ckpt, tmp_path):
-    c = settings(tiny_ckpt, tmp_path)
+    c = app_settings(tiny_ckpt, tmp_path)
     session = app.load(c)
     (tmp_path / "notes.txt").write_text("not audio")
     for prompts, changes, message in (("  \n", {}, "write a prompt first"),
@@ -72,7 +73,7 @@ def test_bad_input_is_one_line_before_any_work(tiny_ckpt, tmp_path):
 
 
 def test_a_prompt_longer_than_the_model_reads_is_said_with_what_is_cut(tiny_ckpt, tmp_path):
-    c = settings(tiny_ckpt, tmp_path)
+    c = app_settings(tiny_ckpt, tmp_path)
     words = " ".join(f"word{i}" for i in range(60))
     updates = ask(app.load(c), c, words)
     assert "prompt 1 is longer than the 64 tokens the model reads: it reads up to" in updates[-1][0]
@@ -81,7 +82,7 @@ def test_a_prompt_longer_than_the_model_reads_is_said_with_what_is_cut(tiny_ckpt
 
 
 def test_a_stopped_request_leaves_no_file_that_looks_finished(tiny_ckpt, tmp_path):
-    c = settings(tiny_ckpt, tmp_path)
+    c = app_settings(tiny_ckpt, tmp_path)
     pieces = app.make(app.load(c), c, "calm minor pad", *dict(ARGS, seconds=5).values())
     next(pieces)                                        # the first second is out, then the page's Stop closes it
     pieces.close()

@@ -9,7 +9,8 @@ import pytest
 import soundfile as sf
 import torch
 
-import common
+import audio
+import codec
 import compress
 import example
 
@@ -55,16 +56,16 @@ def test_tokens_equal_encodec_and_round_trip(music_dir, tmp_path):
         assert f.attrs["frame_rate"] == 150 and f.attrs["sample_rate"] == 48000 and f.attrs["clip_seconds"] == 2
         assert f["source"][0].decode() == "clip0.wav@0.00" and f["text"][0].decode() == "upbeat major arpeggio"
         codes, scales = f["codes"][1], f["scales"][1]          # second clip of clip0.wav, starting at 1.98 s
-    assert f"clip0.wav@{2 * common.SEGMENT_STRIDE / 48000:.2f}" in read_shards(out)
-    codec = common.load_codec("untrained", "", 0, 6.0, "cpu")
-    audio = common.load_audio(str(music_dir / "clip0.wav"))
-    start = 2 * common.SEGMENT_STRIDE
-    x = audio[:, start:start + common.clip_samples(2)][None]
-    frames = codec.encode(x)[:2]                                  # the package's own encoder
+    assert f"clip0.wav@{2 * codec.SEGMENT_STRIDE / 48000:.2f}" in read_shards(out)
+    encodec = codec.load_codec("untrained", "", 0, 6.0, "cpu")
+    wav = audio.load_audio(str(music_dir / "clip0.wav"))
+    start = 2 * codec.SEGMENT_STRIDE
+    x = wav[:, start:start + codec.clip_samples(2)][None]
+    frames = encodec.encode(x)[:2]                                  # the package's own encoder
     assert np.array_equal(codes, torch.cat([c for c, _ in frames], -1)[0].numpy())
     assert np.allclose(scales, torch.cat([s for _, s in frames], -1)[0].numpy())
-    y = common.decode_codes(codec, torch.from_numpy(codes[None]).long(), torch.from_numpy(scales[None]))
-    assert y.shape == (1, 2, common.clip_samples(2))
+    y = codec.decode_codes(encodec, torch.from_numpy(codes[None]).long(), torch.from_numpy(scales[None]))
+    assert y.shape == (1, 2, codec.clip_samples(2))
     # the stored scale restores the clip's loudness (per-clip, not a dataset average)
     assert 0.3 < y.pow(2).mean().sqrt() / x.pow(2).mean().sqrt() < 3
 
@@ -195,7 +196,7 @@ def test_settings_errors(music_dir, tmp_path):
 
 def test_pretrained_codec_without_internet_fails_clearly(tmp_path):
     with pytest.raises(SystemExit, match="codec_weights=PATH.*codec=untrained"):
-        common.load_codec("pretrained", str(tmp_path / "missing.th"), 0, 6.0, "cpu")
+        codec.load_codec("pretrained", str(tmp_path / "missing.th"), 0, 6.0, "cpu")
 
 
 def test_each_torchrun_rank_encodes_its_own_share(music_dir, tmp_path, monkeypatch):
@@ -331,7 +332,7 @@ def test_long_files_are_read_in_pieces_identical_to_reading_them_whole(tmp_path)
     x = np.concatenate([example.synth_clip(kind=k, seconds=9, seed=i) for i, k in enumerate(["drums", "pad", "arpeggio"])])
     for name, rate in (("long.wav", 44_100), ("long.mp3", 32_000)):
         sf.write(tmp_path / name, x, rate)
-        blocks = list(common.stream_48k(str(tmp_path / name), block_seconds=2.0))
+        blocks = list(audio.stream_48k(str(tmp_path / name), block_seconds=2.0))
         assert max(b.shape[1] for b in blocks) <= 2.0 * 48_000 + 1 and len(blocks) > 10
         if name.endswith(".wav"):
             whole = AF.resample(torch.from_numpy(sf.read(tmp_path / name, dtype="float32")[0].T.copy()), rate, 48_000)
@@ -340,8 +341,8 @@ def test_long_files_are_read_in_pieces_identical_to_reading_them_whole(tmp_path)
         assert all(len(p["clips"]) <= compress.PIECE_CLIPS for p in pieces) and len(pieces) > 3
         clips = [c for p in pieces for c in p["clips"]]
         joined = torch.cat(blocks, 1)
-        start = 5 * 2 * common.SEGMENT_STRIDE
-        assert np.array_equal(clips[5][1], joined[:, start:start + common.clip_samples(2)].numpy())
+        start = 5 * 2 * codec.SEGMENT_STRIDE
+        assert np.array_equal(clips[5][1], joined[:, start:start + codec.clip_samples(2)].numpy())
 
 
 def test_progress_counts_audio_encoded(music_dir, tmp_path, capsys):
@@ -361,18 +362,18 @@ def test_results_do_not_depend_on_batch_size_or_workers(music_dir, tmp_path):
 def test_batched_encoding_equals_the_package():
     """Every segment of clips of different lengths (a remainder among them) through the encoder in batches
     of any size gives exactly the codes and scales of the package's model.encode on each clip."""
-    codec = common.load_codec("untrained", "", 0, 6.0, "cpu")
+    encodec = codec.load_codec("untrained", "", 0, 6.0, "cpu")
     g = torch.Generator().manual_seed(0)
     music = torch.from_numpy(example.synth_clip(seconds=12, seed=3).T.copy())
-    clips = [music[:, :common.clip_samples(s)] * (0.2 + i) for i, s in enumerate((3, 3, 2, 5, 1))]
-    clips.append(torch.randn(2, common.clip_samples(2), generator=g) * 0.05)
+    clips = [music[:, :codec.clip_samples(s)] * (0.2 + i) for i, s in enumerate((3, 3, 2, 5, 1))]
+    clips.append(torch.randn(2, codec.clip_samples(2), generator=g) * 0.05)
     with torch.inference_mode():
         package = []
         for clip in clips:
-            frames = codec.encode(clip[None])[:common.whole_segments(clip.shape[-1])]
+            frames = encodec.encode(clip[None])[:codec.whole_segments(clip.shape[-1])]
             package.append((torch.cat([c for c, _ in frames], -1)[0], torch.cat([s for _, s in frames], -1)[0]))
         for per_call in (None, 64, 5):   # None: the package's own loop; 16 segments in 5s leave a batch of 1
-            encoded = common.encode_clips(codec, clips, batched=per_call is not None, per_call=per_call or 64)
+            encoded = codec.encode_clips(encodec, clips, batched=per_call is not None, per_call=per_call or 64)
             for (codes, scales), (want_codes, want_scales) in zip(encoded, package, strict=True):
                 assert torch.equal(codes, want_codes) and torch.equal(scales, want_scales), per_call
 

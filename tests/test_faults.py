@@ -10,6 +10,7 @@ import soundfile as sf
 import torch
 
 import checkpoint
+import codec
 import common
 import compress
 import deploy
@@ -156,7 +157,7 @@ def test_pickled_code_is_never_loaded_and_the_message_is_plain(tmp_path, tiny_ck
     assert "is not a checkpoint written by this project's deploy.py" in message
     assert "weights_only" not in message and "\x1b" not in message
     with pytest.raises(SystemExit) as e:
-        common.load_codec("pretrained", str(evil), 0, 6.0, "cpu")
+        codec.load_codec("pretrained", str(evil), 0, 6.0, "cpu")
     assert "it is not a file of plain tensors" in one_line(e) and "weights_only" not in one_line(e)
     assert not os.path.exists(marker)
 

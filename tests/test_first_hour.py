@@ -11,13 +11,14 @@ import pytest
 
 import app
 import bench
-import common
+import codec
 import compress
 import deploy
 import evaluate
 import example
 import export
 import generate
+import settings
 from conftest import ROOT, TINY_TRAIN, write_shards
 
 SCRIPTS = [app, bench, compress, deploy, evaluate, example, export, generate]
@@ -30,7 +31,7 @@ def test_help_lists_every_setting_with_its_default(script, capsys):
             script.main([flag])
         assert e.value.code == 0
         text = capsys.readouterr().out
-        for name, default in common.settings(vars(script)).items():
+        for name, default in settings.settings(vars(script)).items():
             line = next((line for line in text.splitlines() if line.strip().startswith(f"--{name}=")), None)
             assert line is not None, f"{script.__name__}: --{name} missing from --help"
             shown = re.split(r"\s{2,}", line.strip())[0].split("=", 1)[1]
@@ -55,10 +56,10 @@ def test_names_from_other_trainers_point_to_ours(script, given, meant):
     assert str(e.value.code).startswith(f"error: unknown setting --{given} (did you mean --{meant}?)")
 
 
-def test_readme_shows_what_a_misspelt_setting_prints():
+def test_the_troubleshooting_page_shows_what_a_misspelt_setting_prints():
     with pytest.raises(SystemExit) as e:
         deploy.main(["--learning_rate=1e-3"])
-    assert f"`{e.value.code}`" in open(os.path.join(ROOT, "README.md")).read()
+    assert f"`{e.value.code}`" in open(os.path.join(ROOT, "docs", "troubleshooting.md")).read()
 
 
 def test_example_passes_codec_weights_on(tmp_path):
@@ -84,19 +85,19 @@ def test_training_says_where_it_is_and_how_long_it_has_left(tmp_path, capsys):
 
 
 def test_a_running_page_reloads_itself_and_a_stopped_one_says_so(tmp_path):
-    import train
+    import watch
     records = [dict(step=5, loss=3.0, ms_per_step=2000.0, elapsed_s=10, eta_s=3700)]
-    train.write_page(str(tmp_path), records, total=20, state="running", refresh=40)
+    watch.write_page(str(tmp_path), records, total=20, state="running", refresh=40)
     page = (tmp_path / "index.html").read_text()
     assert "step 5 of 20 (25%) · 0:10 elapsed · about 1:01:40 left" in page and "location.reload" in page
     assert "40 * 1000" in page and ".paused" in page                  # never while a sample plays
-    train.write_page(str(tmp_path), records, total=20, state="stopped")
+    watch.write_page(str(tmp_path), records, total=20, state="stopped")
     page = (tmp_path / "index.html").read_text()
     assert "stopped at step 5 of 20 after 0:10: continue it with --resume" in page and "location.reload" not in page
 
 
 def test_pieces_are_exactly_as_long_as_asked():
     for seconds in (0.5, 1, 2, 4.96, 5, 10, 40, 123.45):
-        steps, samples = common.steps_for(seconds)
-        assert samples == round(seconds * 48_000) and common.decoded_samples(steps) >= samples
-        assert all(common.decoded_samples(s) < samples for s in range(1, steps))    # the fewest steps that reach it
+        steps, samples = codec.steps_for(seconds)
+        assert samples == round(seconds * 48_000) and codec.decoded_samples(steps) >= samples
+        assert all(codec.decoded_samples(s) < samples for s in range(1, steps))    # the fewest steps that reach it

@@ -6,9 +6,10 @@ import pytest
 import soundfile as sf
 import torch
 
+import audio
 import bench
 import checkpoint
-import common
+import codec
 import decoding
 import deploy
 import example
@@ -30,9 +31,9 @@ def test_mp3_per_prompt_with_complete_json(ckpt, tmp_path):
     assert gen(ckpt, tmp_path, "--prompt", "calm minor pad", "--prompt=upbeat major arpeggio", "--seconds=2",
                "--spectrogram") == 0
     for name in ("calm_minor_pad", "upbeat_major_arpeggio"):
-        audio, sr = sf.read(tmp_path / f"{name}.mp3")
-        assert sr == 48_000 and audio.ndim == 2 and audio.shape[1] == 2
-        assert abs(len(audio) - 2 * sr) <= 1152                           # 2 s, to an MP3 frame
+        sound, sr = sf.read(tmp_path / f"{name}.mp3")
+        assert sr == 48_000 and sound.ndim == 2 and sound.shape[1] == 2
+        assert abs(len(sound) - 2 * sr) <= 1152                           # 2 s, to an MP3 frame
         meta = json.loads((tmp_path / f"{name}.mp3.json").read_text())
         for key in ("prompt", "seed", "top_k", "top_p", "temperature", "cfg", "ckpt", "codec", "seconds", "codes"):
             assert key in meta
@@ -47,8 +48,8 @@ def test_same_seed_same_codes_other_seed_differs(ckpt, tmp_path):
         gen(path, tmp_path / run, "--prompt=calm minor pad", "--seconds=1", f"--seed={seed}", "--format=wav")
         codes[run] = json.loads((tmp_path / run / "calm_minor_pad.wav.json").read_text())["codes"]
     assert codes["a"] == codes["b"] and codes["a"] != codes["c"]
-    audio, sr = sf.read(tmp_path / "a" / "calm_minor_pad.wav")
-    assert sr == 48_000 and audio.shape[1] == 2
+    sound, sr = sf.read(tmp_path / "a" / "calm_minor_pad.wav")
+    assert sr == 48_000 and sound.shape[1] == 2
 
 
 def stub_text_encoder(texts, device):
@@ -114,10 +115,10 @@ def test_continue_from_audio_file(ckpt, tmp_path):
     sf.write(tmp_path / "intro.wav", example.synth_clip(seconds=1.2), 48_000)
     gen(ckpt, tmp_path / "o", "--prompt=calm minor pad", "--seconds=2.5", f"--continue_from={tmp_path / 'intro.wav'}")
     codes = np.array(json.loads((tmp_path / "o" / "calm_minor_pad.mp3.json").read_text())["codes"])
-    codec = common.load_codec("untrained", "", 0, 6.0, "cpu")
-    wav = common.load_audio(str(tmp_path / "intro.wav"))[None, :, :48_000]
-    [(intro, _)] = common.encode_clips(codec, [wav[0]])
-    assert codes.shape == (4, common.steps_for(2.5)[0]) and np.array_equal(codes[:, :150], intro.numpy())
+    encodec = codec.load_codec("untrained", "", 0, 6.0, "cpu")
+    wav = audio.load_audio(str(tmp_path / "intro.wav"))[None, :, :48_000]
+    [(intro, _)] = codec.encode_clips(encodec, [wav[0]])
+    assert codes.shape == (4, codec.steps_for(2.5)[0]) and np.array_equal(codes[:, :150], intro.numpy())
 
 
 def counted(read, frames):
@@ -133,18 +134,18 @@ def test_a_continuation_reads_only_the_end_it_uses(tmp_path, monkeypatch):
     the rest), not decoded from the start; what comes back is the end of the file, as reading it whole gives."""
     import subprocess
     import soundfile
-    audio = np.concatenate([example.synth_clip(kind, seconds=20, sr=44_100, seed=i) for i, kind in enumerate(example.KINDS)])
-    sf.write(tmp_path / "long.flac", audio, 44_100)
-    subprocess.run([common.ffmpeg_exe(), "-v", "error", "-i", str(tmp_path / "long.flac"), "-b:a", "128k", str(tmp_path / "long.mp3")],
+    sound = np.concatenate([example.synth_clip(kind, seconds=20, sr=44_100, seed=i) for i, kind in enumerate(example.KINDS)])
+    sf.write(tmp_path / "long.flac", sound, 44_100)
+    subprocess.run([audio.ffmpeg_exe(), "-v", "error", "-i", str(tmp_path / "long.flac"), "-b:a", "128k", str(tmp_path / "long.mp3")],
                    check=True)
     frames, commands = [], []
     read, popen = soundfile.SoundFile.read, subprocess.Popen
     monkeypatch.setattr(soundfile.SoundFile, "read", counted(read, frames))
     monkeypatch.setattr(subprocess, "Popen", lambda cmd, *a, **kw: commands.append(cmd) or popen(cmd, *a, **kw))
     for name in ("long.flac", "long.mp3"):
-        tail = common.load_audio(str(tmp_path / name), last_seconds=10)
+        tail = audio.load_audio(str(tmp_path / name), last_seconds=10)
         monkeypatch.undo()
-        whole = common.load_audio(str(tmp_path / name))
+        whole = audio.load_audio(str(tmp_path / name))
         assert tail.shape == (2, 480_000) and torch.allclose(tail, whole[:, -480_000:], atol=1e-5)
         monkeypatch.setattr(soundfile.SoundFile, "read", counted(read, frames))
         monkeypatch.setattr(subprocess, "Popen", lambda cmd, *a, **kw: commands.append(cmd) or popen(cmd, *a, **kw))
@@ -273,14 +274,14 @@ def test_long_pieces_equal_refeeding_across_windows(positions, pattern):
 
 
 def test_streamed_decoding_equals_decoding_at_once():
-    codec = common.load_codec("untrained", "", 0, 6.0, "cpu")
+    encodec = codec.load_codec("untrained", "", 0, 6.0, "cpu")
     g = torch.Generator().manual_seed(0)
     for steps in (150, 449, 450, 452, 749):     # (the package cannot decode a last segment of 1 step; ours can)
         codes = torch.randint(0, 1024, (2, 4, steps), generator=g)
         scales = torch.rand(2, -(-steps // 150), generator=g) * 0.2 + 0.01
         with torch.no_grad():
-            whole = codec.decode([(codes[..., i:i + 150], scales[:, j:j + 1]) for j, i in enumerate(range(0, steps, 150))])
-            stream = common.SegmentStream(codec)
+            whole = encodec.decode([(codes[..., i:i + 150], scales[:, j:j + 1]) for j, i in enumerate(range(0, steps, 150))])
+            stream = codec.SegmentStream(encodec)
             parts = [stream.push(codes[..., i:i + 150], scales[:, j]) for j, i in enumerate(range(0, steps, 150))]
             parts.append(stream.finish())
         assert torch.equal(torch.cat([p for p in parts if p.numel()], -1), whole)
@@ -297,20 +298,20 @@ def test_generate_py_streams_a_long_piece_with_every_option(ckpt, tmp_path):
     assert gen(ckpt, tmp_path / "a", *args) == 0
     files = sorted(f for f in os.listdir(tmp_path / "a") if f.endswith(".wav"))
     assert files == ["calm_minor_pad_0.wav", "calm_minor_pad_1.wav", "upbeat_major_arpeggio_0.wav", "upbeat_major_arpeggio_1.wav"]
-    codec = common.load_codec("untrained", "", 0, 6.0, "cpu")
-    intro = common.load_audio(str(tmp_path / "intro.wav"), last_seconds=4)
-    [(intro_codes, _)] = common.encode_clips(codec, [intro[:, :common.clip_samples(3)]])
+    encodec = codec.load_codec("untrained", "", 0, 6.0, "cpu")
+    intro = audio.load_audio(str(tmp_path / "intro.wav"), last_seconds=4)
+    [(intro_codes, _)] = codec.encode_clips(encodec, [intro[:, :codec.clip_samples(3)]])
     metas = {f: json.loads((tmp_path / "a" / f"{f}.json").read_text()) for f in files}
     batch = torch.stack([torch.tensor(m["codes"]) for m in sorted(metas.values(), key=lambda m: m["batch_index"])])
     with torch.no_grad():          # the package's own decode of all the codes at once, the batch as generate.py made it
-        whole = codec.decode([(batch[..., i:i + 150], torch.full((4, 1), metas[files[0]]["scale"])) for i in range(0, 1515, 150)])
+        whole = encodec.decode([(batch[..., i:i + 150], torch.full((4, 1), metas[files[0]]["scale"])) for i in range(0, 1515, 150)])
     for f, meta in metas.items():
         codes = torch.tensor(meta["codes"])
         assert codes.shape == (4, 1515) and meta["top_p"] == 0.9 and meta["cfg"] == 2.0   # 10 s: 1515 steps decode to 480000 samples
         assert torch.equal(codes[:, :450], intro_codes)
-        audio, sr = sf.read(tmp_path / "a" / f, dtype="int16")
+        written, sr = sf.read(tmp_path / "a" / f, dtype="int16")
         expected = (whole[meta["batch_index"]].clamp(-1, 1).numpy().T * 32767).astype(np.int16)
-        assert sr == 48_000 and len(audio) == 480_000 and np.array_equal(audio, expected)
+        assert sr == 48_000 and len(written) == 480_000 and np.array_equal(written, expected)
     texts = {json.loads((tmp_path / "a" / f"{f}.json").read_text())["prompt"] for f in files}
     assert texts == {"calm minor pad", "upbeat major arpeggio"}
 
@@ -334,8 +335,8 @@ def test_an_interrupted_piece_is_kept_under_a_name_that_says_so(ckpt, tmp_path):
     assert proc.returncode == 130 and last_words == f"stopped: the audio made so far is kept in {partial}"
     assert (tmp_path / "x.wav").read_bytes() == b"an earlier piece"
     assert sorted(os.listdir(tmp_path)) == ["x.partial.wav", "x.wav"]          # no .json: nothing looks finished
-    audio, sr = sf.read(partial)                                               # what was made can be listened to
-    assert sr == 48_000 and len(audio) >= common.SEGMENT_STRIDE           # at least its first second
+    sound, sr = sf.read(partial)                                               # what was made can be listened to
+    assert sr == 48_000 and len(sound) >= codec.SEGMENT_STRIDE           # at least its first second
 
 
 def test_a_piece_stopped_before_its_first_second_leaves_no_file(ckpt, tmp_path, monkeypatch, capsys):

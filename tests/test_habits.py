@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+import audio
 import checkpoint
 import common
 import compress
@@ -43,15 +44,15 @@ def test_every_format_ffmpeg_reads_is_encoded_and_the_rest_is_listed(tmp_path, c
     wav = tmp_path / "source.wav"
     sf.write(wav, example.synth_clip(seconds=2.5, sr=44_100), 44_100)
     for ext, codec in FORMATS.items():
-        subprocess.run([common.ffmpeg_exe(), "-v", "error", "-i", str(wav), *codec, str(folder / f"song.{ext}")], check=True)
+        subprocess.run([audio.ffmpeg_exe(), "-v", "error", "-i", str(wav), *codec, str(folder / f"song.{ext}")], check=True)
     (folder / "cover.jpg").write_bytes(b"\xff\xd8 not audio")
     (folder / "metadata.csv").write_text("file,text\nsong.m4a,first\nsong.m4a,second\nsong.opus,calm\n")
     for ext in FORMATS:                           # read in blocks of bounded size, at the file's own rate
-        blocks = common.read_native(str(folder / f"song.{ext}"), block_seconds=0.5)
+        blocks = audio.read_native(str(folder / f"song.{ext}"), block_seconds=0.5)
         rate, channels = next(blocks)
         sizes = [len(b) for b in blocks]
         assert channels == 2 and max(sizes) <= 0.5 * rate and abs(sum(sizes) / rate - 2.5) < 0.1, ext
-        assert abs(common.audio_seconds(str(folder / f"song.{ext}")) - 2.5) < 0.1, ext
+        assert abs(audio.audio_seconds(str(folder / f"song.{ext}")) - 2.5) < 0.1, ext
     assert compress.main(["--input", str(folder), "--output", str(tmp_path / "data"), *FAST]) == 0
     out = capsys.readouterr().out
     assert f"{len(FORMATS)} files → {len(FORMATS)} clips" in out and "skipped files: 0" in out
@@ -214,7 +215,7 @@ def test_a_huge_edited_model_allocates_nothing(tiny_ckpt, tmp_path):
 def test_side_files_that_cannot_be_written_never_stop_training(tmp_path, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(common, "write_spectrogram", full)
+    monkeypatch.setattr(audio, "write_spectrogram", full)
     with pytest.warns(UserWarning, match="could not write the samples of step 2 .No space left on device.; training goes on"):
         deploy.main(["--data", str(write_shards(tmp_path / "data")), "--out", str(tmp_path / "run"), *TINY_TRAIN,
                      "--max_steps=2", "--eval_interval=2", "--sample_interval=2", "--sample_seconds=0.2"])

@@ -26,13 +26,37 @@ def test_the_scripts_import_no_circle():
         return any(n == target or (n not in seen and reaches(n, target, seen + (n,))) for n in graph[start])
     circles = [name for name in graph if reaches(name, name)]
     assert circles == [], f"import circles through {circles}: {graph}"
-    # the layering README states: common ← model ← the scripts; deploy starts train; generate needs no other script
-    assert graph["common"] == set() and graph["quality"] == set() and graph["model"] == set()
-    assert graph["decoding"] == {"model"} and graph["checkpoint"] == {"common", "decoding", "model"}
-    assert graph["train"] == {"checkpoint", "common", "decoding", "model", "quality"}
-    assert graph["evaluate"] == {"checkpoint", "common", "decoding", "deploy", "quality", "train"}
-    assert graph["generate"] == {"checkpoint", "common", "decoding", "model"} and graph["export"] == {"checkpoint", "common"}
-    assert graph["deploy"] == {"checkpoint", "common", "decoding", "model", "train"} and graph["compress"] == {"common"}
+    # the layering README states: settings, model and quality import nothing of the project; the shared rooms below
+    # the scripts; deploy starts train; evaluate scores as training does without importing it; generate and compress
+    # need no other script
+    assert graph["settings"] == graph["model"] == graph["quality"] == set()
+    assert graph["decoding"] == {"model"} and graph["common"] == {"settings"} and graph["codec"] == {"common", "settings"}
+    assert graph["audio"] == {"codec", "common", "settings"}
+    assert graph["checkpoint"] == {"common", "decoding", "model", "settings"}
+    assert graph["scoring"] == {"codec", "decoding", "model", "quality"}
+    assert graph["watch"] == {"audio", "codec", "common", "decoding", "settings"}
+    assert graph["train"] == {"checkpoint", "codec", "common", "model", "scoring", "settings", "watch"}
+    assert "train" not in graph["evaluate"] and "scoring" in graph["evaluate"]
+    assert graph["generate"] == {"audio", "checkpoint", "codec", "common", "decoding", "model", "settings"}
+    assert graph["compress"] == {"audio", "codec", "common", "settings"} and "train" in graph["deploy"]
+
+
+def test_every_script_imports_settings_first():
+    """The first import of every script is settings.py, which makes Ctrl-C while the large libraries load one line."""
+    for name, path in SCRIPTS.items():
+        source = open(path).read()
+        if "# settings: edit here" in source:
+            first = next(line for line in source.splitlines() if line.startswith(("import ", "from ")) and
+                         line.split()[1] not in ("os", "sys", "json", "math", "re", "csv", "glob", "io", "time", "signal",
+                                                 "random", "shutil", "tempfile", "contextlib", "hashlib", "itertools", "queue",
+                                                 "stat", "subprocess", "warnings", "dataclasses", "platform", "types",
+                                                 "collections", "multiprocessing"))
+            assert first.startswith("import settings"), (name, first)
+
+
+def test_each_file_says_what_lives_in_it():
+    for name, path in SCRIPTS.items():
+        assert ast.get_docstring(ast.parse(open(path).read())), f"{name}.py opens with no docstring"
 
 
 def test_model_py_is_the_network_in_plain_pytorch():

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-import common
+import codec
 import quality
 from conftest import TINY_TRAIN, write_shards
 
@@ -38,8 +38,8 @@ def test_the_bigram_is_never_worse_than_the_unigram_where_pairs_are_sparse():
 
 
 @pytest.fixture(scope="module")
-def codec():
-    return common.load_codec("untrained", "", 0, 6.0, "cpu")
+def encodec():
+    return codec.load_codec("untrained", "", 0, 6.0, "cpu")
 
 
 def ranges(n, low, high, seed, steps=450, hold=15):
@@ -49,27 +49,27 @@ def ranges(n, low, high, seed, steps=450, hold=15):
     return list(np.repeat(g.integers(low, high, size=(n, 4, -(-steps // hold))), hold, -1)[..., :steps])
 
 
-def test_fad_and_kad_tell_music_from_noise(codec):
+def test_fad_and_kad_tell_music_from_noise(encodec):
     a, b = ranges(48, 100, 300, 0, 1500), ranges(48, 100, 300, 1, 1500)      # two draws of the same "music", 480 s each
     noise = list(quality.unigram_codes(a, 48, 1500, VOCAB, seed=2))          # its codes, each codebook shuffled in time
-    va, vb, vn = (np.concatenate(quality.latent_segments(codec, x)) for x in (a, b, noise))
+    va, vb, vn = (np.concatenate(quality.latent_segments(encodec, x)) for x in (a, b, noise))
     bandwidth = quality.median_distance(vb)
     assert quality.fad(va, va) == pytest.approx(0, abs=1e-6) and abs(quality.kad(va, va, bandwidth)) < 2000 / len(va)
     assert quality.fad(vn, vb) > 2 * quality.fad(va, vb)
     assert quality.kad(vn, vb, bandwidth) > 20 * max(quality.kad(va, vb, bandwidth), 1.0)
 
 
-def test_adherence_of_separable_labels_is_near_one_and_of_unrelated_ones_near_chance(codec):
+def test_adherence_of_separable_labels_is_near_one_and_of_unrelated_ones_near_chance(encodec):
     tones, drums = ranges(20, 0, 200, 3), ranges(20, 700, 900, 4)
     clips, labels = tones + drums, ["tones"] * 20 + ["drums"] * 20
-    reference = quality.Reference(codec, clips[::4], clips[1::4], labels[1::4], clips[2::4], clips[::2], labels[::2])
+    reference = quality.Reference(encodec, clips[::4], clips[1::4], labels[1::4], clips[2::4], clips[::2], labels[::2])
     assert reference.references["adherence_real"] == 1.0 and reference.references["adherence_chance"] == 0.5
     assert reference.score(clips[3::4], labels[3::4])["adherence"] == 1.0
     same = ranges(60, 100, 300, 5)                             # one kind of music under three unrelated labels
     words = ["calm", "happy", "dark"] * 20
-    unrelated = quality.Reference(codec, same[:10], same[30:], words[30:], same[:10], same[:30], words[:30])
+    unrelated = quality.Reference(encodec, same[:10], same[30:], words[30:], same[:10], same[:30], words[:30])
     assert abs(unrelated.references["adherence_real"] - 1 / 3) < 0.25
-    lonely = quality.Reference(codec, same[:4], same[4:8], ["a", "b", "c", "d"], same[:4], same[8:12], ["e", "f", "g", "h"])
+    lonely = quality.Reference(encodec, same[:4], same[4:8], ["a", "b", "c", "d"], same[:4], same[8:12], ["e", "f", "g", "h"])
     assert lonely.references["adherence_real"] is None and lonely.score(same[:4], ["a"] * 4)["adherence"] is None
 
 

@@ -5,27 +5,22 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-import common
-import compress
-import deploy
-import example
-import train
-from conftest import ROOT, TINY_TRAIN, write_shards
+import codec
+from conftest import ROOT
 
 
 def test_compress_counts_each_segment_as_it_is_encoded_not_each_batch():
-    """The bar moves with every codec call: a segment position across the batch (the package's loop), or a batched
+    """The bar moves with every encodec call: a segment position across the batch (the package's loop), or a batched
     call, never only once per batch of clips."""
-    codec = common.load_codec("untrained", "", 0, 6.0, "cpu")
-    clips = [torch.randn(2, common.clip_samples(s)) * 0.1 for s in (3, 3, 2)]
+    encodec = codec.load_codec("untrained", "", 0, 6.0, "cpu")
+    clips = [torch.randn(2, codec.clip_samples(s)) * 0.1 for s in (3, 3, 2)]
     for batched in (False, True):
         calls = []
-        common.encode_clips(codec, clips, batched=batched, per_call=4, progress=lambda ids, seconds: calls.append((list(ids), seconds)))
+        codec.encode_clips(encodec, clips, batched=batched, per_call=4, progress=lambda ids, seconds: calls.append((list(ids), seconds)))
         counted = [sum(seconds * ids.count(i) for ids, seconds in calls) for i in range(3)]
         assert len(calls) >= 2 and counted == pytest.approx([3 * 0.99, 3 * 0.99, 2 * 0.99])
 

@@ -11,9 +11,12 @@ import numpy as np
 import pytest
 import torch
 
+import audio
 import checkpoint
 import deploy
 import model as M
+import scoring
+import watch
 import train
 from conftest import ROOT, TINY_TRAIN, write_shards
 
@@ -300,9 +303,11 @@ def test_the_conditioning_gap_shows_whether_the_model_listens(tmp_path):
 
 
 def test_exchanged_labels_never_keep_their_own():
+    import scoring
+    import watch
     import train
-    assert train.exchanged(["a", "a", "b", "c"]) == ["b", "b", "c", "a"]
-    assert train.exchanged(["x", "x"]) is None and train.exchanged(["x"]) is None   # one label: no gap to measure
+    assert scoring.exchanged(["a", "a", "b", "c"]) == ["b", "b", "c", "a"]
+    assert scoring.exchanged(["x", "x"]) is None and scoring.exchanged(["x"]) is None   # one label: no gap to measure
 
 
 def test_ema_is_the_average_it_claims_to_be(tmp_path):
@@ -335,13 +340,15 @@ def test_init_from_starts_a_new_run_from_the_weights(tmp_path):
     assert all(s["step"] == 2 for s in tuned["optimizer"]["state"].values())           # a fresh optimizer
     # its first loss is the source model's (EMA weights) loss on the same first batch
     import model as M
+    import scoring
+    import watch
     import train
     from types import SimpleNamespace
     net, info = checkpoint.load_model(str(tmp_path / "source" / "ckpt.pt"))
     c = SimpleNamespace(**tuned["config"])
     data = deploy.Data(str(new_data), c.val_fraction, c.seed)
     codes, texts = next(iter(data.loader(0, c, 0, 1, False)))
-    tokens, targets, text, mask = train.batch_tensors(codes, texts, checkpoint.TextEncoder(), c.pattern, 1024, "cpu")
+    tokens, targets, text, mask = scoring.batch_tensors(codes, texts, checkpoint.TextEncoder(), c.pattern, 1024, "cpu")
     with torch.no_grad():
         loss, _ = net.loss(tokens, targets, text, mask)
     assert metrics(tmp_path / "tuned")[1]["loss"] == pytest.approx(loss.item(), abs=1e-4)
@@ -394,6 +401,8 @@ def test_export_round_trips_without_pickle(tmp_path, tiny_ckpt, capsys):
 
 def test_the_listening_page_lists_exactly_the_samples_on_disk(tmp_path):
     import re
+    import scoring
+    import watch
     import train
     data = write_shards(tmp_path / "data", steps=450)
     out = tmp_path / "run"
@@ -405,13 +414,15 @@ def test_the_listening_page_lists_exactly_the_samples_on_disk(tmp_path):
     page = (out / "index.html").read_text()
     assert page.index("step 4</h3>") < page.index("step 2</h3>")                  # newest first
     os.remove(out / "samples" / samples[0])
-    train.write_page(str(out), [])
+    watch.write_page(str(out), [])
     assert listed() == samples[1:]
 
 
 def test_the_page_in_a_real_browser(tmp_path):
     """Headless Chromium opens index.html from disk: every image loads and every sample has a player."""
     import shutil
+    import scoring
+    import watch
     import train
     from conftest import browser_dom
     import common as C
@@ -420,11 +431,11 @@ def test_the_page_in_a_real_browser(tmp_path):
     for step in (10, 20):
         for prompt in ("calm piano", "fast drums"):
             path = str(tmp_path / "samples" / f"step{step:06d}_{C.slug(prompt)}.mp3")
-            C.write_audio(path, wav)
-            C.write_spectrogram(path + ".png", wav)
+            audio.write_audio(path, wav)
+            audio.write_spectrogram(path + ".png", wav)
             C.write_json(path + ".json", dict(prompt=prompt, step=step))
     records = [dict(step=10, loss=3.0), dict(step=20, loss=2.5, val_loss=2.6, conditioning_gap=0.3)]
-    monitor = train.Monitor.__new__(train.Monitor)
+    monitor = watch.Monitor.__new__(watch.Monitor)
     monitor.out_dir, monitor.records, monitor.config = str(tmp_path), records, dict(log_interval=10, max_steps=20)
     monitor.plotted = 0.0
     monitor.plot()
