@@ -539,9 +539,10 @@ def learning_part(c, dev):
     overrides = [f"--{kv}" for kv in (c["learning_model"] + "," + c["learning_config"]).split(",") if kv]
     with tempfile.TemporaryDirectory() as out:
         t = time.time()
-        deploy.main(["--data", c["learning_data"], "--out", out, *overrides, f"--max_steps={c['learning_steps']}",
+        deploy.main(["--data", c["learning_data"], "--out", out, f"--max_steps={c['learning_steps']}",       # a configuration
                      f"--eval_interval={c['learning_steps']}", "--log_interval=50", "--sample_interval=0", "--val_fraction=0.1",
-                     "--eval_clips=64", "--quality_samples=32", "--quality_seconds=10", "--num_workers=1", f"--device={dev}"])
+                     "--eval_clips=64", "--quality_samples=32", "--quality_seconds=10", "--num_workers=1", f"--device={dev}",
+                     *overrides])                                     # may change any of these (quality_samples=0: no samples)
         took = time.time() - t
         records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
         model, info = checkpoint.load_model(out, device=dev)
@@ -588,8 +589,8 @@ def learning_section(c, sub, rate):
         rows.append([config or "(defaults)", f"{r['val_loss']:.3f} ({r['within']:.3f} / {r['beyond']:.3f})",
                      f"{r.get('conditioning_gap', float('nan')):+.3f} / {r['val_loss_empty'] - r['val_loss']:+.3f}",
                      "–" if unguided.get("adherence") is None else f"{unguided['adherence']:.2f}",
-                     f"{chosen}: {r['kad']:.1f}, " + ("–" if r.get("adherence") is None else f"{r['adherence']:.2f}"),
-                     f"{r['fad']:.2f}", f"{r['loss']:.3f}", f"{r['train_s'] / 60:.1f} min"])
+                     "–" if "kad" not in r else f"{chosen}: {r['kad']:.1f}, " + ("–" if r.get("adherence") is None else f"{r['adherence']:.2f}"),
+                     "–" if "fad" not in r else f"{r['fad']:.2f}", f"{r['loss']:.3f}", f"{r['train_s'] / 60:.1f} min"])
         print(rows[-1], flush=True)
     refs = (f"Baselines on the same validation clips: unigram {base.get('baseline_unigram', float('nan')):.3f}, bigram "
             f"{base.get('baseline_bigram', float('nan')):.3f} nats. Samples against the validation clips, references: real training clips FAD {base.get('fad_real', float('nan')):.2f}, "
