@@ -1,5 +1,7 @@
-"""Every command in README.md's ```bash blocks runs, in order, in a fresh folder: the README cannot rot.
-Each gets overrides appended that make it small (tiny model, short clips, untrained codec, CPU)."""
+"""Every command in the ```bash blocks of README.md and of docs/ runs, in order, in one fresh folder: the
+documentation cannot rot. Each gets overrides appended that make it small (tiny model, short clips, untrained
+codec, CPU); a command already run (the same words in two pages) runs once."""
+import glob
 import os
 import re
 import shlex
@@ -16,6 +18,7 @@ SMALL = {
     "deploy.py": TINY_TRAIN + ["--max_steps=4", "--eval_interval=2", "--sample_interval=4", "--sample_seconds=0.5"],
     "generate.py": ["--seconds=1", "--device=cpu"],
     "export.py": [],
+    "evaluate.py": ["--samples=4", "--seconds=1", "--device=cpu"],
     "app.py": ["--device=cpu", "--port=0"],     # a server: started, seen answering, stopped (below)
     "example.py": ["--clips_per_label=1", "--clip_seconds=3", "--steps=4", "--seconds=1", "--out=example_small"],
     "bench.py": ["--parts=decode", "--modes=eager", "--rounds=1", "--decode_steps=20", "--encode_clips=1", "--encode_seconds=2",
@@ -23,10 +26,25 @@ SMALL = {
 }
 
 
+# the pages, in the order their commands build on each other (README's own folder first)
+PAGES = ["README.md", "docs/data.md", "docs/training.md", "docs/quality.md", "docs/generating.md", "docs/performance.md",
+         "docs/troubleshooting.md", "docs/gpu.md"]
+
+
 def readme_commands():
-    text = open(os.path.join(ROOT, "README.md")).read()
-    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
-    return [line.strip() for block in blocks for line in block.splitlines() if line.strip()]
+    commands = []
+    for page in PAGES:
+        text = open(os.path.join(ROOT, page)).read()
+        blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+        commands += [line.strip() for block in blocks for line in block.splitlines() if line.strip()]
+    return list(dict.fromkeys(commands))
+
+
+def test_every_page_is_run_here_and_linked_from_readme():
+    pages = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
+    assert sorted(set(pages) - {"docs/benchmark-log.md"}) == sorted(PAGES[1:])
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert all(f"({page})" in readme for page in pages) and len(readme.encode()) < 16_000
 
 
 def runnable(command):
@@ -81,6 +99,7 @@ def test_every_readme_command_runs(tmp_path):
             continue
         result = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+    assert (tmp_path / "runs" / "first" / "ckpt.pt").exists()                # README's own-folder block
     run = tmp_path / "runs" / "lofi"
     assert {"ckpt.pt", "metrics.jsonl", "loss.png", "samples"} <= set(os.listdir(run))
     assert any(name.endswith(".mp3") for name in os.listdir(run / "samples"))
@@ -96,4 +115,4 @@ def test_every_readme_command_runs(tmp_path):
     from conftest import browser_dom                                            # as a browser shows it: every image loads
     dom = browser_dom(tmp_path / "example_small" / "run" / "index.html", tmp_path / "profile")
     assert 'data-broken="0"' in dom and dom.count("<audio") == 3 and "finished: 4 steps" in dom
-    assert "A decode step of the default model" in (tmp_path / "BENCHMARKS.md").read_text()
+    assert "A decode step of the default model" in (tmp_path / "docs" / "benchmark-log.md").read_text()   # bench.py's log
