@@ -128,7 +128,7 @@ def page(session, c):
     with gr.Blocks(title="music-transformer") as demo:
         gr.Markdown(f"## music-transformer: make music from text\nModel: `{c['ckpt']}` (step {session.info['step']}, "
                     f"{session.info['weights']} weights, codec {session.info['data']['codec']}) on {session.dev}. "
-                    f"Pieces are kept in `{os.path.abspath(c['out'])}`. Starting {line}.")
+                    f"Pieces are kept in `{c['out']}`. Starting {line}.")
         with gr.Row():
             with gr.Column(scale=2):
                 prompts = gr.Textbox(label="Prompts, one per line (made together)", lines=3, elem_id="prompts")
