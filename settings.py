@@ -67,7 +67,7 @@ def settings(namespace):
             if not k.startswith("_") and k.islower() and isinstance(v, (bool, int, float, str, list))}
 
 
-def _parse_value(name, text, default):
+def parse_value(name, text, default):
     if isinstance(default, bool):
         low = text.lower()
         if low in ("1", "true", "yes", "on"):
@@ -195,7 +195,7 @@ def parse_settings(namespace, argv, given=None):
                 seen_lists.add(name)
             config[name].append(value)
         else:
-            config[name] = _parse_value(name, value, default)
+            config[name] = parse_value(name, value, default)
         i += 1
     return config
 

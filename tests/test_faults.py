@@ -114,6 +114,7 @@ def test_full_disk_during_generation(tmp_path, small_disk, tiny_ckpt):
     (compress, ["--num_workers=100000"], r"num_workers=100000 must be between 0 and 256"),
     (deploy, ["--lr=nan"], r"--lr takes a finite number, not 'nan'"),
     (deploy, ["--lr=0"], r"lr=0.0 is out of range: it must be in \(0, inf\)"),
+    (deploy, ["--lr=fast"], r"--lr takes a number, not .fast."),
     (deploy, ["--dropout=1"], r"dropout=1.0 is out of range: it must be in \[0, 1\)"),
     (deploy, ["--batch_size=0"], r"batch_size=0 is out of range"),
     (deploy, ["--dim=1000000000"], r"dim=1000000000 is out of range"),

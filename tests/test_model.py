@@ -145,14 +145,15 @@ def test_strict_causality(kernel, attention, pattern):
         assert torch.equal(net(tokens, text, mask)[:, :, :40], net(changed, text, mask)[:, :, :40])
 
 
-@pytest.mark.parametrize("kernel,attention,pattern,cross,positions", [
-    ("generalized", "favor", "parallel", "favor", "absolute"), ("softmax", "favor", "delay", "favor", "absolute"),
-    ("generalized", "favor", "delay", "softmax", "relative"), ("generalized", "softmax", "parallel", "favor", "absolute"),
-    ("softmax", "favor", "parallel", "favor", "relative")])
-def test_recurrent_decoding_equals_full_forward(kernel, attention, pattern, cross, positions):
+@pytest.mark.parametrize("kernel,attention,pattern,cross,positions,global_text", [
+    ("generalized", "favor", "parallel", "favor", "absolute", False), ("softmax", "favor", "delay", "favor", "absolute", True),
+    ("generalized", "favor", "delay", "softmax", "relative", True), ("generalized", "softmax", "parallel", "favor", "absolute", True),
+    ("softmax", "favor", "parallel", "favor", "relative", False)])
+def test_recurrent_decoding_equals_full_forward(kernel, attention, pattern, cross, positions, global_text):
     """Prefill + 313 steps with a local window of 7 (the ring wraps ~45 times), token shift on: every
     step's logits equal the full forward's, and no state tensor changes shape or is reallocated."""
-    net = tiny(kernel=kernel, attention=attention, pattern=pattern, cross_attention=cross, positions=positions).eval()
+    net = tiny(kernel=kernel, attention=attention, pattern=pattern, cross_attention=cross, positions=positions,
+               global_text=global_text).eval()
     tokens, text, mask = inputs(t=330)
     with torch.no_grad():
         full = net(tokens, text, mask)

@@ -57,16 +57,20 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
 
 
 def test_resuming_a_checkpoint_older_than_a_setting_rebuilds_its_model(tmp_path):
-    """A checkpoint written before `positions` existed was trained with that setting's old value, the
-    value it predates (absolute): resuming rebuilds that model, not deploy.py's newer default."""
+    """A checkpoint written before `positions` and `global_text` existed was trained with those settings'
+    old values, the values it predates (absolute, no global text): resuming rebuilds that model, not
+    deploy.py's newer defaults."""
     data = write_shards(tmp_path / "data")
-    run(data, tmp_path / "run", "--max_steps=2", "--eval_interval=2", "--positions=absolute")
+    run(data, tmp_path / "run", "--max_steps=2", "--eval_interval=2", "--positions=absolute", "--global_text=false")
     path = tmp_path / "run" / "ckpt.pt"
     ckpt = torch.load(path, weights_only=True)
-    del ckpt["config"]["positions"], ckpt["model_config"]["positions"]
+    for name in ("positions", "global_text"):
+        del ckpt["config"][name], ckpt["model_config"][name]
     checkpoint.save_checkpoint(str(path), ckpt)
     deploy.main(["--out", str(tmp_path / "run"), "--data", str(data), "--resume", "--max_steps=3"])
-    assert torch.load(path, weights_only=True)["model_config"]["positions"] == checkpoint.PREDATED["positions"] == "absolute"
+    built = torch.load(path, weights_only=True)["model_config"]
+    assert (built["positions"], built["global_text"]) == (checkpoint.PREDATED["positions"], checkpoint.PREDATED["global_text"]) \
+        == ("absolute", False)
 
 
 def test_checkpoint_loads_weights_only_and_survives_a_crash_mid_write(tmp_path, monkeypatch):
@@ -444,3 +448,17 @@ def test_the_page_in_a_real_browser(tmp_path):
     assert 'data-broken="0"' in dom and dom.count("<audio") == 4 and "finished: 20 steps" in dom
     assert (tmp_path / "page.png").stat().st_size > 10_000
     shutil.copy(tmp_path / "page.png", os.environ.get("PAGE_SCREENSHOT", tmp_path / "copy.png"))
+
+
+def test_lr_auto_follows_the_width_and_says_so(tmp_path, capsys):
+    """lr=auto: the rate of BENCHMARKS' sweep up to the widest model measured, 1/width beyond; said at the
+    start of a new run; a rate given is kept."""
+    for dim, heads, lr in ((128, 2, 3e-3), (512, 8, 3e-3), (1024, 16, 1.5e-3)):
+        cfg = deploy.settings.parse_settings(vars(deploy), [])
+        cfg, _, _ = deploy.resolve({**cfg, "data": "x", "out": str(tmp_path / "r"), "dim": dim, "heads": heads}, set())
+        assert cfg["lr"] == pytest.approx(lr)
+    with pytest.raises(SystemExit):          # the data is missing: the rate is said before that
+        deploy.main(["--data", str(tmp_path / "none"), "--out", str(tmp_path / "r"), "--dim=1024", "--heads=16"])
+    assert "learning rate 0.0015: lr=auto" in capsys.readouterr().out
+    cfg = deploy.settings.parse_settings(vars(deploy), ["--lr=2e-4"])
+    assert deploy.resolve({**cfg, "data": "x", "out": str(tmp_path / "r")}, {"lr"})[0]["lr"] == 2e-4
