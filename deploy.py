@@ -409,10 +409,7 @@ def resolve(cfg, given):
             raise UserError(f"--init_from={cfg['init_from']} was trained with text_encoder={info['text_encoder']}: drop --text_encoder")
         cfg = {**cfg, **shape, "text_encoder": info["text_encoder"]}
         init = dict(weights=source.state_dict(), codec=info["data"]["codec"])
-    if cfg["lr"] == "auto":
-        cfg["lr"] = lr_rule(cfg["dim"])
-    else:
-        cfg["lr"] = settings.parse_value("lr", str(cfg["lr"]), 0.0)
+    cfg = dict(cfg, lr=lr_rule(cfg["dim"]) if cfg["lr"] == "auto" else settings.parse_value("lr", str(cfg["lr"]), 0.0))
     settings.check_ranges(cfg, RANGES)
     try:                        # the model's settings, before any work (train.build makes it from the same ones)
         M.ModelConfig(**{k: cfg[k] for k in M.MODEL_SETTINGS}).validate()
@@ -449,12 +446,12 @@ def with_preset(cfg, given):
 
 def main(argv):
     given = set()
-    cfg = with_preset(settings.parse_settings(globals(), argv, given), given)
-    cfg, ckpt, init = resolve(cfg, given)
+    asked = with_preset(settings.parse_settings(globals(), argv, given), given)
+    cfg, ckpt, init = resolve(asked, given)
     rank, local_rank, world = common.distributed_env()
     if rank != 0:
         return start(cfg, ckpt, init, argv)
-    if "lr" not in given and ckpt is None:
+    if asked["lr"] == "auto" and ckpt is None:
         print(f"learning rate {cfg['lr']:.2g}: lr=auto, {LR_BASE:g} up to dim={LR_WIDTH}, × {LR_WIDTH}/dim beyond (measured on real "
               f"music: BENCHMARKS.md, \"Learning rate\"); --lr sets your own", flush=True)
     common.check_writable(cfg["out"], "out")
