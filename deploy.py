@@ -426,9 +426,10 @@ def resolve(cfg, given):
 
 def lr_rule(dim):
     """lr=auto: the peak learning rate for a model of this width. The development corpus's sweep
-    (BENCHMARKS.md, "Learning rate"): at widths 128, 256 and 512, and on a few hundred clips, 3e-3 was the
-    best rate or within 0.2 nats of it, 1e-3 (the reference's) the worst, and 1e-2 or more best in some runs
-    and unstable in others. Wider models, not measured, get it scaled as 1/width, as µP does for Adam."""
+    (BENCHMARKS.md, "Learning rate"): at widths 128, 256 and 512, and on a few hundred clips, 3e-3 was
+    within 0.22 nats of the best rate, 1e-3 (the reference's) the worst; 1e-2 was best at widths 256 and
+    512, worse at 128, and overfit a small folder. Wider models, not measured, get it scaled as 1/width, as
+    µP does for Adam."""
     return LR_BASE * min(1.0, LR_WIDTH / dim)
 
 
